@@ -1,0 +1,194 @@
+"""The DRM network: an SD3 MMDiT cut after its first N joint blocks, then the paper's reward head.
+
+How the paper's ambiguities are resolved (following the official DRM code, REFERENCE.md §1):
+- "Remove the last 3 blocks": blocks 0..N-1 of the base run unchanged (N = 21 of 24 for SD3.5-M).
+  A kept block keeps its full context stream (it is not turned into a context-pre-only block), so
+  its pretrained weights load as they are; only the base's own last block is context-pre-only.
+- "Linear to d_p per token, reshape to h x w x d_p/4": this is the DiT's own pretrained output
+  layer, AdaLN-continuous `norm_out` (conditioned on the time + pooled embedding) and `proj_out`
+  (hidden -> p*p*16), applied to block N-1's image tokens, then the standard p x p unpatchify to a
+  16-channel latent-resolution map (16 x 64 x 64 at 512 px).
+- Head: n x [conv 3x3 stride 2 -> GroupNorm -> ReLU] (16 -> 256 -> 512 -> 512), global average
+  pooling, MLP 512 -> 512 -> ReLU -> dropout 0.1 -> 1. Everything is trainable.
+- Conditioning: prompt tokens go through the joint attention, the pooled vector through the time
+  embedding, exactly as in the generator; sigma enters as timestep 1000 * sigma.
+Backbone tensors use diffusers' SD3Transformer2DModel names; the head lives under `head.`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import JointTransformerBlock
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
+from diffusers.models.normalization import AdaLayerNormContinuous
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import DRMError
+from .latents import batch_sigma, sigma_to_timestep
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Architecture of the (truncated) SD3-family MMDiT, as inferred from a base checkpoint."""
+
+    depth: int  # joint blocks in the base model
+    blocks: int  # joint blocks kept (run) by the DRM
+    hidden: int
+    heads: int
+    patch_size: int
+    pos_embed_max_size: int
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+    in_channels: int = 16
+    out_channels: int = 16
+    context_dim: int = 4096
+    caption_projection_dim: int | None = None
+    pooled_dim: int = 2048
+    kind: str = "sd3-mmdit"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.blocks <= self.depth:
+            raise DRMError(f"blocks must be in [1, depth={self.depth}], got {self.blocks}")
+        if self.hidden % self.heads:
+            raise DRMError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        object.__setattr__(self, "dual_attention_layers", tuple(int(i) for i in self.dual_attention_layers))
+        if self.caption_projection_dim is None:
+            object.__setattr__(self, "caption_projection_dim", self.hidden)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Reward head after the unpatchified map: conv stack, pooling, MLP (official DRM sizes by default)."""
+
+    conv_channels: tuple[int, ...] = (256, 512, 512)
+    groups: int = 32
+    mlp_hidden: int = 512
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
+        bad = [c for c in self.conv_channels if c % self.groups]
+        if not self.conv_channels or bad:
+            raise DRMError(f"head conv_channels {self.conv_channels} must be non-empty and divisible by "
+                           f"groups={self.groups}")
+
+
+@dataclass(frozen=True)
+class DRMConfig:
+    backbone: BackboneConfig
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+    def to_dict(self) -> dict:
+        return {"backbone": asdict(self.backbone), "head": asdict(self.head)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DRMConfig":
+        return cls(BackboneConfig(**d["backbone"]), HeadConfig(**d["head"]))
+
+
+class RewardHead(nn.Module):
+    """[B, C, H, W] map -> n x (conv3x3/2, GroupNorm, ReLU) -> global mean pool -> MLP -> [B]."""
+
+    def __init__(self, in_channels: int, config: HeadConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((in_channels, *config.conv_channels), config.conv_channels):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(config.groups, c_out), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.conv_channels[-1], config.mlp_hidden), nn.ReLU(),
+            nn.Dropout(config.dropout), nn.Linear(config.mlp_hidden, 1),
+        )
+
+    def forward(self, feature_map: Tensor) -> Tensor:
+        h = self.convs(feature_map).mean(dim=(2, 3))  # [B, C_last]
+        return self.mlp(h).squeeze(-1)  # [B]
+
+
+class DRM(nn.Module):
+    """Diffusion-based Reward Model: r(x_sigma, sigma, prompt) -> scalar, for model-space SD3 latents."""
+
+    def __init__(self, config: DRMConfig, provenance: dict | None = None):
+        super().__init__()
+        b = config.backbone
+        self.config = config
+        self.provenance = dict(provenance or {})
+        self.pos_embed = PatchEmbed(height=b.pos_embed_max_size * b.patch_size, width=b.pos_embed_max_size * b.patch_size,
+                                    patch_size=b.patch_size, in_channels=b.in_channels, embed_dim=b.hidden,
+                                    pos_embed_max_size=b.pos_embed_max_size)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=b.hidden, pooled_projection_dim=b.pooled_dim)
+        self.context_embedder = nn.Linear(b.context_dim, b.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList([
+            JointTransformerBlock(dim=b.hidden, num_attention_heads=b.heads, attention_head_dim=b.head_dim,
+                                  context_pre_only=i == b.depth - 1, qk_norm=b.qk_norm,
+                                  use_dual_attention=i in b.dual_attention_layers)
+            for i in range(b.blocks)
+        ])
+        self.norm_out = AdaLayerNormContinuous(b.hidden, b.hidden, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(b.hidden, b.patch_size * b.patch_size * b.out_channels)
+        self.head = RewardHead(b.out_channels, config.head)
+        self.gradient_checkpointing = False
+
+    def features(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+        """Kept MMDiT blocks + norm_out/proj_out + unpatchify: [B, 16, H, W] -> map [B, 16, H, W]."""
+        b = self.config.backbone
+        height, width = latents.shape[-2:]
+        h = self.pos_embed(latents).contiguous()  # [B, HW/p^2, D]
+        temb = self.time_text_embed(sigma_to_timestep(sigma), pooled)  # [B, D]
+        c = self.context_embedder(context)  # [B, N, D]
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                c, h = checkpoint(block, h, c, temb, use_reentrant=False)
+            else:
+                c, h = block(hidden_states=h, encoder_hidden_states=c, temb=temb)
+        h = self.proj_out(self.norm_out(h, temb))  # [B, HW/p^2, p*p*C]
+        p, gh, gw = b.patch_size, height // b.patch_size, width // b.patch_size
+        fmap = h.reshape(h.shape[0], gh, gw, p, p, b.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", fmap).reshape(h.shape[0], b.out_channels, gh * p, gw * p)
+
+    def forward(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+        """Scores [B] (float32) for model-space latents [B, 16, H, W] at noise level sigma [B] (no checks)."""
+        return self.head(self.features(latents, sigma, context, pooled)).float()
+
+    def score(self, latents: Tensor, sigma: Tensor | float, context: Tensor, pooled: Tensor) -> Tensor:
+        """Validated, batched scoring: latents [B, 16, H, W] model space; sigma scalar or [B];
+        context [B|1, N, 4096]; pooled [B|1, 2048] -> scores [B] float32."""
+        latents, sigma, context, pooled = self.prepare_inputs(latents, sigma, context, pooled)
+        return self(latents, sigma, context, pooled)
+
+    def prepare_inputs(self, latents: Tensor, sigma: Tensor | float, context: Tensor,
+                       pooled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Check shapes against the architecture, broadcast batch-1 conditioning, move to device/dtype."""
+        b = self.config.backbone
+        if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != b.in_channels:
+            shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+            hint = " (4 channels is an SD1.x/SDXL latent)" if isinstance(latents, Tensor) and latents.ndim == 4 \
+                and latents.shape[1] == 4 else ""
+            raise DRMError(f"DRM.score: latents must be model-space SD3 latents [B, {b.in_channels}, H, W], "
+                           f"got {shape}{hint}")
+        batch, _, height, width = latents.shape
+        p, m = b.patch_size, b.pos_embed_max_size
+        if height % p or width % p or height // p > m or width // p > m:
+            raise DRMError(f"DRM.score: latent size {height}x{width} must be divisible by patch size {p} and at "
+                           f"most {m * p} per side (pos_embed_max_size {m})")
+        sigma = batch_sigma(sigma, latents).flatten().expand(batch)
+        context = _batched(context, batch, 3, b.context_dim, "context [B, N, {}]")
+        pooled = _batched(pooled, batch, 2, b.pooled_dim, "pooled [B, {}]")
+        param = next(self.parameters())
+        dev, dtype = param.device, param.dtype
+        return latents.to(dev, dtype), sigma.to(dev), context.to(dev, dtype), pooled.to(dev, dtype)
+
+
+def _batched(t: Tensor, batch: int, ndim: int, dim: int, what: str) -> Tensor:
+    if not isinstance(t, Tensor) or t.ndim != ndim or t.shape[-1] != dim or t.shape[0] not in (1, batch):
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise DRMError(f"DRM.score: {what.format(dim)} expected with B = {batch} or 1, got {got}")
+    return t.expand(batch, *t.shape[1:])

@@ -1,0 +1,1 @@
+"""Command-line training package for DRM: `python -m training <command>` (see `--help`)."""
