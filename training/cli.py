@@ -10,6 +10,9 @@ import sys
 from drm_core import DRMError
 
 COMMANDS = {
+    "cache": ("training.cache", "encode preference images and prompts once into a sharded cache"),
+    "train-drm": ("training.train_drm", "train a DRM with the Bradley-Terry loss on a preference cache"),
+    "eval-drm": ("training.eval_drm", "pairwise accuracy of a DRM per noise level on a preference cache"),
     "demo": ("training.toy.demo", "run the toy world end to end (the README's main job)"),
 }
 
