@@ -136,6 +136,18 @@ class DRM(nn.Module):
         self.proj_out = nn.Linear(b.hidden, b.patch_size * b.patch_size * b.out_channels)
         self.head = RewardHead(b.out_channels, config.head)
         self.gradient_checkpointing = False
+        for name, param in self.named_parameters():
+            if name in self.unused_parameter_names():
+                param.requires_grad_(False)
+
+    def unused_parameter_names(self) -> set[str]:
+        """The last kept block's context-stream output (its to_add_out, ff_context) never reaches the score:
+        kept in the file for fidelity to the base, frozen so optimisers and DDP skip them."""
+        last = len(self.transformer_blocks) - 1
+        if self.config.backbone.blocks == self.config.backbone.depth:
+            return set()
+        prefixes = (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.ff_context.")
+        return {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
 
     def features(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
         """Kept MMDiT blocks + norm_out/proj_out + unpatchify: [B, 16, H, W] -> map [B, 16, H, W]."""

@@ -1,4 +1,4 @@
-"""`python -m training <command>`: one subcommand per job; each module registers its own arguments."""
+"""`python -m training <command> [--help]`: one module per command, imported only when it runs."""
 
 from __future__ import annotations
 
@@ -12,26 +12,29 @@ from drm_core import DRMError
 COMMANDS = {
     "cache": ("training.cache", "encode preference images and prompts once into a sharded cache"),
     "train-drm": ("training.train_drm", "train a DRM with the Bradley-Terry loss on a preference cache"),
-    "eval-drm": ("training.eval_drm", "pairwise accuracy of a DRM per noise level on a preference cache"),
+    "eval-drm": ("training.evaluate", "pairwise accuracy of a DRM per noise level on a preference cache"),
     "demo": ("training.toy.demo", "run the toy world end to end (the README's main job)"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(module=module)
-        importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="commands:\n" + "\n".join(f"  {n:<11} {h}" for n, (_, h) in COMMANDS.items()))
+    top.add_argument("command", choices=list(COMMANDS), metavar="command")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        top.parse_args(argv[:1])  # prints help or a clear "invalid choice" error and exits
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m training {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        return importlib.import_module(args.module).run(args) or 0
+        return module.run(args) or 0
     except DRMError as err:
         logging.getLogger("training").error("%s", err)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -1,0 +1,109 @@
+"""ComfyUI glue shared by the DRM nodes: input checks with node-named errors, conditioning, device loading.
+
+No math here: scores, SDE steps and the sampling loop live in drm_core. Every error names the node
+and what it expected, in ComfyUI style (ValueError / RuntimeError with a readable message).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import torch
+from torch import Tensor
+
+from ..drm_core import DRM, DRMError
+
+log = logging.getLogger(__name__)
+
+DRM_TYPE = "DRM_MODEL"
+"""ComfyUI socket type of a loaded DRM: a ModelPatcher whose `.model` is a drm_core.DRM."""
+
+CATEGORY = "DRM"
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def unwrap_drm(patcher, node: str, load: bool = True) -> DRM:
+    """The DRM inside a DRM_MODEL input; with load=True first loaded fully on ComfyUI's device (its layers are
+    plain nn.Linear, which ComfyUI's partial low-VRAM loading cannot cast, hence force_full_load)."""
+    if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or not isinstance(patcher.model, DRM):
+        raise ValueError(f"{node}: the 'drm' input must come from a DRMLoader node, got {type(patcher).__name__}")
+    if load:
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return patcher.model
+
+
+def drm_conditioning(conditioning, drm: DRM, node: str) -> tuple[Tensor, Tensor]:
+    """(context [Bc, N, D], pooled [Bc, P]) from the first CONDITIONING entry, checked against the DRM."""
+    b = drm.config.backbone
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{node}: the CONDITIONING input is empty; connect the prompt's CLIPTextEncode output "
+                         "(SD3 text encoders: TripleCLIPLoader with clip_l, clip_g and t5xxl)")
+    context, extras = conditioning[0][0], conditioning[0][1]
+    pooled = extras.get("pooled_output")
+    if pooled is None:
+        raise ValueError(f"{node}: the CONDITIONING has no 'pooled_output'. The DRM reads SD3 conditioning "
+                         f"(tokens [1, N, {b.context_dim}] plus a pooled [1, {b.pooled_dim}] vector): encode the prompt "
+                         "with CLIPTextEncode and an SD3 CLIP (TripleCLIPLoader: clip_l, clip_g, t5xxl), not a "
+                         "conditioning that was zeroed or built without pooled output")
+    if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[-1] != b.context_dim:
+        got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(f"{node}: the CONDITIONING tokens must be [B, N, {b.context_dim}] (SD3 CLIP-L+G+T5), "
+                         f"got {got}; is it from another model family's text encoder?")
+    if pooled.ndim != 2 or pooled.shape[-1] != b.pooled_dim or pooled.shape[0] != context.shape[0]:
+        raise ValueError(f"{node}: the CONDITIONING pooled_output must be [{context.shape[0]}, {b.pooled_dim}] "
+                         f"(SD3 CLIP-L+G pooled), got {tuple(pooled.shape)}")
+    if len(conditioning) > 1:
+        log.info("%s: CONDITIONING has %d entries; the DRM scores against the first one", node, len(conditioning))
+    return context, pooled
+
+
+def per_image(tensor: Tensor, batch: int, repeats: int = 1) -> Tensor:
+    """Conditioning rows for `batch` images (tiled like ComfyUI's repeat_to_batch_size), each repeated `repeats`x."""
+    if tensor.shape[0] == 1:
+        return tensor
+    rows = torch.arange(batch, device=tensor.device) % tensor.shape[0]
+    return tensor[rows].repeat_interleave(repeats, dim=0)
+
+
+def check_latent(samples: Tensor, drm: DRM, node: str, what: str = "LATENT") -> None:
+    """A 4-D latent batch with the DRM's channel count (16 for SD3)."""
+    channels = drm.config.backbone.in_channels
+    if not isinstance(samples, Tensor) or samples.ndim != 4 or samples.shape[1] != channels:
+        got = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
+        hint = " (4 channels is an SD1.x/SDXL latent)" if isinstance(samples, Tensor) and samples.ndim == 4 \
+            and samples.shape[1] == 4 else ""
+        raise ValueError(f"{node}: the {what} must be an SD3 latent batch [B, {channels}, H/8, W/8], got {got}{hint}; "
+                         "make it with EmptySD3LatentImage or an SD3 VAE")
+
+
+def check_drm_kind(drm: DRM, node: str) -> None:
+    kind = drm.config.backbone.kind
+    if kind != "sd3-mmdit":
+        raise ValueError(f"{node}: this DRM was built for a '{kind}' backbone; these nodes support SD3-family "
+                         "DRMs ('sd3-mmdit') only")
+
+
+def check_model_matches(base_model, drm: DRM, node: str) -> None:
+    """The sampling MODEL must be SD3-family and share the DRM's latent channels and text-conditioning dims."""
+    if not isinstance(base_model, comfy.model_base.SD3):
+        raise ValueError(f"{node}: the MODEL is a {type(base_model).__name__} model; the DRM scores SD3-family "
+                         "latents, so sample with an SD3 / SD3.5 model (e.g. sd3.5_medium.safetensors)")
+    check_drm_kind(drm, node)
+    b = drm.config.backbone
+    unet = base_model.model_config.unet_config
+    have = {"latent channels": base_model.latent_format.latent_channels,
+            "context dim": unet.get("context_embedder_config", {}).get("params", {}).get("in_features"),
+            "pooled dim": unet.get("adm_in_channels")}
+    want = {"latent channels": b.in_channels, "context dim": b.context_dim, "pooled dim": b.pooled_dim}
+    wrong = [f"{k} {have[k]} (DRM expects {want[k]})" for k in want if have[k] is not None and have[k] != want[k]]
+    if wrong:
+        raise ValueError(f"{node}: the DRM does not fit this MODEL: {', '.join(wrong)}. Use a DRM built from the "
+                         "same model family as the generator")
+
+
+def named(node: str, err: DRMError) -> ValueError:
+    """Re-raise a drm_core error with the node's name in front."""
+    return ValueError(f"{node}: {err}")

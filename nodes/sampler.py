@@ -1,0 +1,200 @@
+"""DRMStepwiseSampler (a SAMPLER for SamplerCustom) and DRMStepwiseKSampler (all-in-one).
+
+Both run drm_core.stepwise_sample: at each step k SDE candidates share one CFG model evaluation, the
+DRM scores them at the next sigma in one batched call, and the best one continues. The ComfyUI side
+only builds velocity_fn from the CFG denoiser and reward_fn from the DRM.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_extras.nodes_custom_sampler import BasicScheduler
+from tqdm.auto import tqdm
+
+from ..drm_core import DRMError, StepRecord, stepwise_sample
+from .common import (CATEGORY, DRM_TYPE, SEED_MAX, check_latent, check_model_matches, drm_conditioning, named,
+                     per_image, unwrap_drm)
+from .plot import trace_plot
+
+log = logging.getLogger(__name__)
+
+SDE_SEED_SALT = 0x5DEECE66D
+"""The SDE noise stream is seeded with seed XOR this salt, so it never replays the initial noise
+(ComfyUI draws the initial noise from torch.manual_seed(seed) on the CPU)."""
+
+
+def sde_generator(seed: int | None) -> torch.Generator | None:
+    """CPU generator for the SDE / candidate noise of one sampling run (None: unseeded, global RNG)."""
+    if seed is None:
+        log.warning("DRM step-wise sampling: the sampler got no seed; candidate noise is not reproducible")
+        return None
+    return torch.Generator("cpu").manual_seed((int(seed) ^ SDE_SEED_SALT) & SEED_MAX)
+
+
+def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=None, *, drm, context, pooled, k,
+                    noise_level, branch_range, branch_every, plain_noise_level, node, trace=None):
+    """KSAMPLER function: Step-wise Sampling (DRM paper §3.2) with the CFG denoiser `model` and the DRM.
+
+    x: model-space latent at sigmas[0] (ComfyUI already applied sigma * noise + (1 - sigma) * latent).
+    `model(x, sigma * ones[B], **extra_args)` returns the CFG-combined x0; v = (x - x0) / sigma.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    guider = getattr(model, "inner_model", None)
+    check_model_matches(getattr(guider, "inner_model", None), unwrap_drm(drm, node, load=False), node)
+    reward_model = unwrap_drm(drm, node)  # after the generator: both stay on the device
+    batch = x.shape[0]
+    context_k, pooled_k = per_image(context, batch, k), per_image(pooled, batch, k)  # [B*k | 1, ...]
+    s_in = x.new_ones([batch])
+
+    def velocity_fn(x_t, sigma):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        sigma = sigma.to(x_t.device, x_t.dtype)
+        denoised = model(x_t, sigma * s_in, **extra_args)
+        return (x_t - denoised) / sigma
+
+    def reward_fn(candidates, sigma):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        return reward_model.score(candidates, sigma, context_k, pooled_k).to(candidates.device)
+
+    with tqdm(total=len(sigmas) - 1, disable=disable) as bar:
+        def on_step(i, x_next, denoised):
+            bar.update(i + 1 - bar.n)
+            if callback is not None:
+                callback({"x": x_next, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+
+        try:
+            result = stepwise_sample(velocity_fn, reward_fn, x, sigmas, k, noise_level,
+                                     sde_generator(extra_args.get("seed")), branch_range=branch_range,
+                                     branch_every=branch_every, plain_noise_level=plain_noise_level, callback=on_step)
+        except DRMError as err:
+            raise named(node, err) from err
+    if trace is not None:
+        trace.extend(result.trace)
+    return result.latent
+
+
+def sampler_options(drm, conditioning, k, noise_level, branch_start, branch_end, branch_every, outside_range,
+                    node) -> dict:
+    """Validated KSAMPLER extra_options shared by both nodes."""
+    reward_model = unwrap_drm(drm, node, load=False)
+    context, pooled = drm_conditioning(conditioning, reward_model, node)
+    if branch_start > branch_end:
+        raise ValueError(f"{node}: branch_start ({branch_start}) must not exceed branch_end ({branch_end})")
+    return {"drm": drm, "context": context, "pooled": pooled, "k": k, "noise_level": noise_level,
+            "branch_range": (branch_start, branch_end), "branch_every": branch_every,
+            "plain_noise_level": 0.0 if outside_range == "ode" else None, "node": node}
+
+
+def search_inputs() -> dict:
+    return {
+        "k": ("INT", {"default": 4, "min": 1, "max": 64,
+                      "tooltip": "Candidates per step. The DRM scores all k at once and keeps the best. k = 1 is "
+                                 "plain SDE sampling (no DRM call). Cost grows with k (k = 4 about 2.7x)."}),
+        "noise_level": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05,
+                                  "tooltip": "SDE noise level a of the Flow-GRPO step: how far candidates spread. "
+                                             "0 makes all candidates identical (Euler ODE); 0.7 is the paper's value."}),
+        "branch_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                   "tooltip": "Branch only from this fraction of the steps on (0 = first step)."}),
+        "branch_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                 "tooltip": "Stop branching at this fraction of the steps (1 = through the last step). "
+                                            "Early steps decide the layout, so 0-0.5 keeps most of the benefit at "
+                                            "half the cost."}),
+        "branch_every": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                 "tooltip": "Branch on every m-th step inside the range (1 = every step)."}),
+        "outside_range": (["sde", "ode"], {
+            "default": "sde",
+            "tooltip": "Steps that do not branch: 'sde' takes one stochastic step at the same noise level, 'ode' "
+                       "a deterministic Euler step."}),
+    }
+
+
+class DRMStepwiseSampler:
+    DESCRIPTION = ("Step-wise Sampling with a DRM, as a SAMPLER for SamplerCustom / SamplerCustomAdvanced: at each "
+                   "step it draws k stochastic (SDE) candidates from one model call, scores them with the DRM at the "
+                   "next noise level and continues from the best. Works with any SD3 schedule, shift, CFG, LoRA, "
+                   "batch size and denoise. The sampler's noise seed makes it reproducible.")
+    CATEGORY = CATEGORY
+    FUNCTION = "get_sampler"
+    RETURN_TYPES = ("SAMPLER",)
+    RETURN_NAMES = ("sampler",)
+    OUTPUT_TOOLTIPS = ("Connect to the 'sampler' input of SamplerCustom / SamplerCustomAdvanced.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "drm": (DRM_TYPE, {"tooltip": "The reward model from DRMLoader."}),
+            "conditioning": ("CONDITIONING", {
+                "tooltip": "The prompt the DRM scores candidates against: connect the same positive conditioning "
+                           "as the sampler (SD3 CLIPTextEncode; first entry and pooled_output are used)."}),
+            **search_inputs(),
+        }}
+
+    def get_sampler(self, drm, conditioning, k, noise_level, branch_start, branch_end, branch_every, outside_range):
+        options = sampler_options(drm, conditioning, k, noise_level, branch_start, branch_end, branch_every,
+                                  outside_range, "DRMStepwiseSampler")
+        return (comfy.samplers.KSAMPLER(sample_stepwise, extra_options=options),)
+
+
+class DRMStepwiseKSampler:
+    DESCRIPTION = ("All-in-one Step-wise Sampling for KSampler users: samples an SD3 latent where each step keeps "
+                   "the best of k DRM-scored SDE candidates, and draws the reward trace (chosen score and "
+                   "best-minus-second margin per step). Same result as SamplerCustom + DRMStepwiseSampler.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "reward_trace")
+    OUTPUT_TOOLTIPS = ("The sampled latent (decode it with the SD3 VAE).",
+                       "Plot of the chosen DRM score and the best-minus-second margin at every branched step.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SD3-family diffusion model (SD3.5 Medium), with LoRAs if any."}),
+            "drm": (DRM_TYPE, {"tooltip": "The reward model from DRMLoader."}),
+            "positive": ("CONDITIONING", {"tooltip": "Positive prompt; the DRM also scores against it unless "
+                                                     "reward_conditioning is connected."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt for classifier-free guidance."}),
+            "latent_image": ("LATENT", {"tooltip": "Latent to denoise: EmptySD3LatentImage, or an encoded image "
+                                                   "with denoise < 1."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+                             "tooltip": "Seed of the initial noise and of every candidate: the same seed gives the "
+                                        "same image."}),
+            "steps": ("INT", {"default": 40, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+            "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (SD3.5 Medium: about 4.5)."}),
+            "scheduler": (comfy.samplers.SCHEDULER_NAMES, {"default": "simple",
+                                                           "tooltip": "Sigma schedule (any; SD3 uses its shift)."}),
+            **search_inputs(),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Fraction of the schedule to run (below 1 for image-to-image)."}),
+        }, "optional": {
+            "reward_conditioning": ("CONDITIONING", {
+                "tooltip": "Optional separate prompt for the DRM to score against (default: positive)."}),
+        }}
+
+    def sample(self, model, drm, positive, negative, latent_image, seed, steps, cfg, scheduler, k, noise_level,
+               branch_start, branch_end, branch_every, outside_range, denoise, reward_conditioning=None):
+        node = "DRMStepwiseKSampler"
+        reward_model = unwrap_drm(drm, node, load=False)
+        check_model_matches(model.model, reward_model, node)
+        trace: list[StepRecord] = []
+        options = sampler_options(drm, reward_conditioning or positive, k, noise_level, branch_start, branch_end,
+                                  branch_every, outside_range, node)
+        sampler = comfy.samplers.KSAMPLER(sample_stepwise, extra_options={**options, "trace": trace})
+        samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+        check_latent(samples, reward_model, node, "latent_image")
+        noise = comfy.sample.prepare_noise(samples, seed, latent_image.get("batch_index"))
+        sigmas = BasicScheduler().get_sigmas(model, scheduler, steps, denoise)[0]
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        out = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, samples,
+                                         noise_mask=latent_image.get("noise_mask"), callback=callback,
+                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        image = torch.from_numpy(trace_plot(trace, len(sigmas) - 1)).float().div(255).unsqueeze(0)  # [1, H, W, 3]
+        return ({**latent_image, "samples": out}, image)

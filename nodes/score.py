@@ -1,0 +1,172 @@
+"""DRMScoreLatent, DRMScoreImage, DRMSelectBest: score a batch with the DRM and keep the best of it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..drm_core import DRMError, add_noise, to_model_space
+from .common import (CATEGORY, DRM_TYPE, SEED_MAX, check_drm_kind, check_latent, drm_conditioning, named, per_image,
+                     unwrap_drm)
+
+SCORE_INPUTS = {
+    "sigma": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+        "tooltip": "Noise level to score at (0 = the clean latent). Above 0 the latent is first noised with "
+                   "x = (1 - sigma) * latent + sigma * noise, as the DRM sees intermediate steps during sampling."}),
+    "seed": ("INT", {
+        "default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
+        "tooltip": "Seed of the noise added when sigma > 0 (same seed, same scores). Unused at sigma = 0."}),
+}
+
+
+def score_latents(drm_patcher, raw: Tensor, conditioning, sigma: float, seed: int, node: str) -> tuple[list, str]:
+    """Scores of raw-VAE-space latents [B, 16, h, w] as (list of B floats, summary text)."""
+    drm = unwrap_drm(drm_patcher, node)
+    check_drm_kind(drm, node)
+    check_latent(raw, drm, node)
+    context, pooled = drm_conditioning(conditioning, drm, node)
+    batch = raw.shape[0]
+    x = to_model_space(raw.float())
+    if sigma > 0:
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        x = add_noise(x, noise, sigma)
+    try:
+        scores = drm.score(x, sigma, per_image(context, batch), per_image(pooled, batch)).cpu().tolist()
+    except DRMError as err:
+        raise named(node, err) from err
+    return scores, summarize(scores, sigma)
+
+
+def summarize(scores: list[float], sigma: float) -> str:
+    best = max(range(len(scores)), key=scores.__getitem__)
+    lines = [f"DRM scores at sigma {sigma:.3g} (higher is preferred), batch order:"]
+    lines += [f"  #{i}: {s:+.4f}{'  <- best' if i == best else ''}" for i, s in enumerate(scores)]
+    return "\n".join(lines)
+
+
+class DRMScoreLatent:
+    DESCRIPTION = ("Scores every latent of a batch with the DRM against a prompt: one reward per latent, in batch "
+                   "order (higher = more preferred). Works on clean latents (sigma 0) or at any noise level. "
+                   "No VAE decode needed.")
+    CATEGORY = CATEGORY
+    FUNCTION = "score"
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("scores", "summary")
+    OUTPUT_IS_LIST = (True, False)
+    OUTPUT_TOOLTIPS = ("One score per latent, in batch order (a list: connect it to DRMSelectBest).",
+                       "The scores as readable text (connect to a Preview Any / text display node).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "drm": (DRM_TYPE, {"tooltip": "The reward model from DRMLoader."}),
+            "latent": ("LATENT", {"tooltip": "SD3 latents to score (e.g. a sampler's output), any batch size."}),
+            "conditioning": ("CONDITIONING", {
+                "tooltip": "The prompt to score against: an SD3 CLIPTextEncode output (its first entry and "
+                           "pooled_output are used). Usually the sampler's positive conditioning."}),
+            **SCORE_INPUTS,
+        }}
+
+    def score(self, drm, latent, conditioning, sigma, seed):
+        return score_latents(drm, latent["samples"], conditioning, sigma, seed, "DRMScoreLatent")
+
+
+class DRMScoreImage:
+    DESCRIPTION = ("Scores every image of a batch with the DRM: the images are VAE-encoded to SD3 latents, then "
+                   "scored like DRMScoreLatent. Use it for images that were loaded or edited, not sampled.")
+    CATEGORY = CATEGORY
+    FUNCTION = "score"
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("scores", "summary")
+    OUTPUT_IS_LIST = (True, False)
+    OUTPUT_TOOLTIPS = DRMScoreLatent.OUTPUT_TOOLTIPS
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "drm": (DRM_TYPE, {"tooltip": "The reward model from DRMLoader."}),
+            "image": ("IMAGE", {"tooltip": "Images to score (any batch size); sides should be multiples of 16 px."}),
+            "vae": ("VAE", {"tooltip": "An SD3 VAE (16-channel latents), e.g. the one in sd3.5_medium.safetensors."}),
+            "conditioning": ("CONDITIONING", {
+                "tooltip": "The prompt to score against: an SD3 CLIPTextEncode output (its first entry and "
+                           "pooled_output are used)."}),
+            **SCORE_INPUTS,
+        }}
+
+    def score(self, drm, image, vae, conditioning, sigma, seed):
+        node = "DRMScoreImage"
+        channels = getattr(vae, "latent_channels", None)
+        if channels is not None and channels != 16:
+            raise ValueError(f"DRMScoreImage: the VAE makes {channels}-channel latents; the DRM needs an SD3 VAE "
+                             "(16 channels), e.g. the VAE output of the SD3.5 checkpoint loader")
+        raw = vae.encode(image[:, :, :, :3])
+        return score_latents(drm, raw, conditioning, sigma, seed, node)
+
+
+def _take(value, batch: int, index: Tensor, batched_ndim: int | None = None):
+    """Rows `index` of a per-batch tensor; anything shared by the whole batch (first dim 1, or fewer than
+    `batched_ndim` dimensions, e.g. a single [H, W] mask) passes through unchanged."""
+    if not isinstance(value, Tensor) or value.ndim == 0 or value.shape[0] != batch or \
+            (batched_ndim is not None and value.ndim < batched_ndim):
+        return value
+    return value[index.to(value.device)]
+
+
+def _concat(values: list, what: str):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    if len(values) > 1 and any(v.shape[1:] != values[0].shape[1:] for v in values):
+        raise ValueError(f"DRMSelectBest: the {what} list holds tensors of different sizes; select from one batch")
+    return torch.cat(values) if len(values) > 1 else values[0]
+
+
+class DRMSelectBest:
+    DESCRIPTION = ("Keeps the top-k of a batch by score (best first), carrying the LATENT and, if connected, the "
+                   "IMAGE and MASK of the same batch along, so they stay in step. Feed it the scores of "
+                   "DRMScoreLatent or DRMScoreImage: best-of-N sampling.")
+    CATEGORY = CATEGORY
+    FUNCTION = "select"
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("LATENT", "IMAGE", "MASK", "INT", "STRING")
+    RETURN_NAMES = ("latent", "image", "mask", "indices", "summary")
+    OUTPUT_IS_LIST = (False, False, False, True, False)
+    OUTPUT_TOOLTIPS = ("The top-k latents, best first (noise_mask and batch_index follow).",
+                       "The matching images (only when an image was connected).",
+                       "The matching masks (only when a mask was connected; a single shared mask passes through).",
+                       "Batch indices of the kept items, best first.",
+                       "What was kept, as text.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "scores": ("FLOAT", {"forceInput": True,
+                                 "tooltip": "One score per batch item, from DRMScoreLatent / DRMScoreImage."}),
+            "latent": ("LATENT", {"tooltip": "The batch that was scored (same order as the scores)."}),
+            "top_k": ("INT", {"default": 1, "min": 1, "max": 4096,
+                              "tooltip": "How many items to keep (clamped to the batch size)."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "Decoded images of the same batch, kept in step with the latents."}),
+            "mask": ("MASK", {"tooltip": "Masks of the same batch, kept in step with the latents."}),
+        }}
+
+    def select(self, scores, latent, top_k, image=None, mask=None):
+        top_k = top_k[0]
+        samples = _concat([item["samples"] for item in latent], "latent")
+        batch = samples.shape[0]
+        if len(scores) != batch:
+            raise ValueError(f"DRMSelectBest: got {len(scores)} scores for a batch of {batch} latents; score the "
+                             "same batch you select from")
+        order = torch.tensor(scores, dtype=torch.float64).argsort(descending=True, stable=True)[:min(top_k, batch)]
+        out = {k: _take(v, batch, order, batched_ndim=4) for k, v in latent[0].items()} if len(latent) == 1 else {}
+        out["samples"] = samples[order]
+        if isinstance(out.get("batch_index"), list):
+            out["batch_index"] = [out["batch_index"][i] for i in order.tolist()]
+        images = _concat(image or [], "image")
+        if images is not None and images.shape[0] != batch:
+            raise ValueError(f"DRMSelectBest: the image batch has {images.shape[0]} images for {batch} latents")
+        masks = _concat(mask or [], "mask")
+        kept = order.tolist()
+        summary = "kept (best first): " + ", ".join(f"#{i} ({scores[i]:+.4f})" for i in kept)
+        return (out, _take(images, batch, order), _take(masks, batch, order, batched_ndim=3), kept, summary)

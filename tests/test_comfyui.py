@@ -1,0 +1,356 @@
+"""The node pack inside a real ComfyUI: registration, workflows end to end, and numerical agreement with drm_core.
+
+Skipped (with the reason shown) unless ComfyUI is available: set COMFYUI_PATH to a ComfyUI checkout and run
+with a Python that runs it, e.g. `COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest
+tests/test_comfyui.py`. Models are tiny random SD3-shaped stand-ins; the text encoders are replaced by random
+CONDITIONING of the right shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import comfy_env
+from comfy_env import CHECKPOINT, DRM_FILE, LORA_FILE, conditioning
+
+COMFYUI, WHY = comfy_env.find_comfyui()
+pytestmark = pytest.mark.skipif(COMFYUI is None, reason=WHY)
+
+NODE_IDS = ["DRMLoader", "DRMScoreLatent", "DRMScoreImage", "DRMSelectBest", "DRMStepwiseSampler",
+            "DRMStepwiseKSampler"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    return comfy_env.start_in_process(COMFYUI, tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="session")
+def torch():
+    import torch
+
+    return torch
+
+
+@pytest.fixture(autouse=True)
+def inference_mode():
+    import torch
+
+    with torch.inference_mode():  # ComfyUI runs every node under inference mode
+        yield
+
+
+@pytest.fixture(scope="session")
+def model(env, torch):
+    unet = env.node("UNETLoader").load_unet(CHECKPOINT, "default")[0]
+    return env.node("ModelSamplingSD3").patch(unet, 3.0)[0]
+
+
+@pytest.fixture(scope="session")
+def drm(env, torch):
+    return env.node("DRMLoader").load(DRM_FILE, "fp32")[0]
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return conditioning("a red fox in the snow"), conditioning("blurry")
+
+
+def empty_latent(env, batch=1, size=64):
+    return env.node("EmptySD3LatentImage").generate(size, size, batch)[0]
+
+
+def stepwise_sampler(env, drm, cond, k=3, noise_level=0.7, start=0.0, end=1.0, every=1, outside="sde"):
+    return env.node("DRMStepwiseSampler").get_sampler(drm, cond, k, noise_level, start, end, every, outside)[0]
+
+
+def sample_custom(env, model, sampler, prompts, latent, seed=7, cfg=2.5, steps=4, denoise=1.0, scheduler="simple"):
+    sigmas = env.node("BasicScheduler").get_sigmas(model, scheduler, steps, denoise)[0]
+    pos, neg = prompts
+    return env.node("SamplerCustom").sample(model, True, seed, cfg, pos, neg, sampler, sigmas, latent)[0]["samples"]
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+def test_pack_loads_through_comfyui_loader(env):
+    assert env.load_ok, "nodes.load_custom_node reported an import failure"
+    for node_id in NODE_IDS:
+        assert node_id in env.nodes.NODE_CLASS_MAPPINGS, node_id
+        assert env.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_every_node_has_a_description_and_tooltips(env, node_id):
+    cls = env.nodes.NODE_CLASS_MAPPINGS[node_id]
+    assert len(cls.DESCRIPTION) > 40 and cls.CATEGORY == "DRM"
+    spec = cls.INPUT_TYPES()
+    for name, conf in [*spec["required"].items(), *spec.get("optional", {}).items()]:
+        assert len(conf) == 2 and conf[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(cls.OUTPUT_TOOLTIPS)
+
+
+def test_drm_folder_is_registered(env):
+    import folder_paths
+
+    assert DRM_FILE in folder_paths.get_filename_list("drm")
+    paths, extensions = folder_paths.folder_names_and_paths["drm"]
+    assert any(p.endswith("models/drm") for p in paths) and ".safetensors" in extensions
+
+
+@pytest.mark.parametrize("name", comfy_env.workflow_names())
+def test_ui_workflow_matches_its_api_twin_and_lists_models(env, name):
+    ui, api = comfy_env.load_workflow(name)
+    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert comfy_env.ui_to_api(ui, env.nodes.NODE_CLASS_MAPPINGS) == expected
+    listed = {m["name"]: m for node in ui["nodes"] for m in node.get("properties", {}).get("models", [])}
+    for file in ("sd3.5_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
+                 "drm_sd3.5_medium.safetensors"):
+        assert file in listed and listed[file]["directory"] and listed[file]["url"], file
+    for link in ui["links"]:  # every link is mirrored in the nodes' input / output slots
+        link_id, src, src_slot, dst, dst_slot, _ = link
+        nodes = {n["id"]: n for n in ui["nodes"]}
+        assert link_id in nodes[src]["outputs"][src_slot]["links"]
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+@pytest.mark.parametrize("scheduler", ["simple", "beta", "karras"])
+def test_k1_equals_the_same_sde_built_in_process(env, torch, model, drm, prompts, scheduler):
+    """DRMStepwiseSampler with k = 1 is exactly plain Flow-GRPO SDE sampling with the same noise stream."""
+    import comfy.samplers
+    from drm_core import sde_sample
+
+    sde_generator = env.pack_module("nodes.sampler").sde_generator
+
+    def reference(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        s_in = x.new_ones([x.shape[0]])
+
+        def velocity(x_t, sigma):
+            return (x_t - model_k(x_t, sigma * s_in, **extra_args)) / sigma
+
+        return sde_sample(velocity, x, sigmas, 0.7, sde_generator(extra_args["seed"]))
+
+    latent = empty_latent(env, batch=2)
+    ours = sample_custom(env, model, stepwise_sampler(env, drm, prompts[0], k=1), prompts, latent, scheduler=scheduler)
+    ref = sample_custom(env, model, comfy.samplers.KSAMPLER(reference), prompts, latent, scheduler=scheduler)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_k1_ode_all_in_one_equals_stock_euler_ksampler(env, torch, model, drm, prompts):
+    latent = empty_latent(env, batch=2)
+    pos, neg = prompts
+    ours, plot = env.node("DRMStepwiseKSampler").sample(model, drm, pos, neg, latent, 11, 4, 3.0, "simple", 1, 0.0,
+                                                        0.0, 1.0, 1, "ode", 1.0)
+    stock = env.node("KSampler").sample(model, 11, 4, 3.0, "euler", "simple", pos, neg, latent)[0]
+    torch.testing.assert_close(ours["samples"], stock["samples"], rtol=1e-5, atol=1e-5)
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+
+
+def test_same_seed_same_latent_other_seed_differs(env, torch, model, drm, prompts):
+    sampler = stepwise_sampler(env, drm, prompts[0], k=3, start=0.0, end=0.75, every=2)
+    latent = empty_latent(env, batch=2)
+    a = sample_custom(env, model, sampler, prompts, latent, seed=3)
+    b = sample_custom(env, model, sampler, prompts, latent, seed=3)
+    c = sample_custom(env, model, sampler, prompts, latent, seed=4)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)
+    plain = sample_custom(env, model, stepwise_sampler(env, drm, prompts[0], k=1), prompts, latent, seed=3)
+    assert not torch.allclose(a, plain)  # the DRM's choices changed the path
+
+
+def test_all_in_one_equals_samplercustom_path(env, torch, model, drm, prompts):
+    latent = empty_latent(env, batch=1)
+    pos, neg = prompts
+    ours, plot = env.node("DRMStepwiseKSampler").sample(model, drm, pos, neg, latent, 5, 4, 2.5, "simple", 3, 0.7,
+                                                        0.0, 1.0, 1, "sde", 1.0)
+    custom = sample_custom(env, model, stepwise_sampler(env, drm, pos, k=3), prompts, latent, seed=5)
+    torch.testing.assert_close(ours["samples"], custom, rtol=0, atol=0)
+    assert plot.std() > 0  # something was drawn
+
+
+def test_samplercustomadvanced_gives_the_samplercustom_result(env, torch, model, drm, prompts):
+    sampler = stepwise_sampler(env, drm, prompts[0], k=2)
+    latent = empty_latent(env)
+    guider = env.node("CFGGuider").get_guider(model, prompts[0], prompts[1], 2.5)[0]
+    noise = env.node("RandomNoise").get_noise(7)[0]
+    sigmas = env.node("BasicScheduler").get_sigmas(model, "simple", 4, 1.0)[0]
+    advanced = env.node("SamplerCustomAdvanced").sample(noise, guider, sampler, sigmas, latent)[0]["samples"]
+    torch.testing.assert_close(advanced, sample_custom(env, model, sampler, prompts, latent), rtol=0, atol=0)
+
+
+def test_lora_denoise_and_batch(env, torch, model, drm, prompts):
+    """Works on a LoRA-patched model, img2img (denoise < 1) and batch > 1 with a per-image prompt batch."""
+    lora_model = env.node("LoraLoaderModelOnly").load_lora_model_only(model, LORA_FILE, 1.0)[0]
+    start = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
+    cond2 = [[torch.cat([prompts[0][0][0], conditioning("b")[0][0]]),
+              {"pooled_output": torch.cat([prompts[0][0][1]["pooled_output"], conditioning("b")[0][1]["pooled_output"]])}]]
+    sampler = stepwise_sampler(env, drm, cond2, k=2)
+    out = sample_custom(env, lora_model, sampler, (cond2, prompts[1]), start, steps=6, denoise=0.5)
+    base = sample_custom(env, model, sampler, (cond2, prompts[1]), start, steps=6, denoise=0.5)
+    assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all()
+    assert not torch.allclose(out, base)  # the LoRA is applied
+    assert not torch.allclose(out, start["samples"])
+
+
+def test_interrupt_during_sampling_stops_it(env, torch, model, drm, prompts):
+    import comfy.model_management as mm
+
+    calls = []
+
+    def wrapper(apply_model, args):
+        calls.append(1)
+        if len(calls) == 2:
+            mm.interrupt_current_processing(True)  # as the UI's Cancel button does
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    patched = model.clone()
+    patched.set_model_unet_function_wrapper(wrapper)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample_custom(env, patched, stepwise_sampler(env, drm, prompts[0], k=2), prompts, empty_latent(env),
+                          steps=8)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 2  # stopped right after the interrupt, not at the end of the 8 steps
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+def test_score_latent_equals_drm_core(env, torch, drm, prompts):
+    from drm_core import add_noise, load_drm, to_model_space
+
+    reference = load_drm(env.base / "models" / "drm" / DRM_FILE)
+    raw = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    ctx, pooled = prompts[0][0][0], prompts[0][0][1]["pooled_output"]
+    node = env.node("DRMScoreLatent")
+    scores, summary = node.score(drm, {"samples": raw}, prompts[0], 0.0, 0)
+    torch.testing.assert_close(torch.tensor(scores), reference.score(to_model_space(raw), 0.0, ctx, pooled),
+                               rtol=1e-6, atol=1e-6)
+    assert len(scores) == 3 and "#2" in summary and "best" in summary
+    noisy, _ = node.score(drm, {"samples": raw}, prompts[0], 0.4, 9)
+    noise = torch.randn(raw.shape, generator=torch.Generator().manual_seed(9))
+    expected = reference.score(add_noise(to_model_space(raw), noise, 0.4), 0.4, ctx, pooled)
+    torch.testing.assert_close(torch.tensor(noisy), expected, rtol=1e-6, atol=1e-6)
+    assert node.score(drm, {"samples": raw}, prompts[0], 0.4, 9)[0] == noisy  # seeded noise: reproducible
+
+
+def test_score_image_encodes_then_scores(env, torch, drm, prompts):
+    vae = env.node("VAELoader").load_vae("taesd3")[0]
+    image = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    scores, _ = env.node("DRMScoreImage").score(drm, image, vae, prompts[0], 0.0, 0)
+    latent_scores, _ = env.node("DRMScoreLatent").score(drm, {"samples": vae.encode(image)}, prompts[0], 0.0, 0)
+    assert scores == pytest.approx(latent_scores, abs=1e-6)
+
+
+def test_select_best_keeps_latent_image_and_mask_in_step(env, torch):
+    samples = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 16, 2, 2)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 16, 16, 3)
+    masks = torch.arange(4.0).view(4, 1, 1).expand(4, 16, 16)
+    latent = {"samples": samples, "noise_mask": torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2),
+              "batch_index": [10, 11, 12, 13]}
+    out, image, mask, indices, summary = env.node("DRMSelectBest").select(
+        [0.1, 0.9, -0.5, 0.7], [latent], [2], image=[images], mask=[masks])
+    assert indices == [1, 3] and "#1" in summary
+    assert out["samples"][:, 0, 0, 0].tolist() == [1.0, 3.0] and out["noise_mask"][:, 0, 0, 0].tolist() == [1.0, 3.0]
+    assert out["batch_index"] == [11, 13]
+    assert image[:, 0, 0, 0].tolist() == [1.0, 3.0] and mask[:, 0, 0].tolist() == [1.0, 3.0]
+    with pytest.raises(ValueError, match="DRMSelectBest: got 3 scores for a batch of 4"):
+        env.node("DRMSelectBest").select([0.1, 0.2, 0.3], [latent], [1])
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+def test_clear_errors(env, torch, model, drm, prompts):
+    import comfy.model_base
+
+    no_pooled = [[prompts[0][0][0], {}]]
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    with pytest.raises(ValueError, match="DRMScoreLatent: the CONDITIONING has no 'pooled_output'"):
+        env.node("DRMScoreLatent").score(drm, latent, no_pooled, 0.0, 0)
+    with pytest.raises(ValueError, match="DRMStepwiseSampler: the CONDITIONING has no 'pooled_output'"):
+        stepwise_sampler(env, drm, no_pooled)
+    sd15_cond = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 2048)}]]
+    with pytest.raises(ValueError, match=r"DRMScoreLatent: the CONDITIONING tokens must be \[B, N, 4096\]"):
+        env.node("DRMScoreLatent").score(drm, latent, sd15_cond, 0.0, 0)
+    with pytest.raises(ValueError, match="DRMScoreLatent: the LATENT must be an SD3 latent.*4 channels"):
+        env.node("DRMScoreLatent").score(drm, {"samples": torch.zeros(1, 4, 8, 8)}, prompts[0], 0.0, 0)
+    with pytest.raises(FileNotFoundError, match="DRMLoader: DRM file 'missing.safetensors' not found.*models/drm"):
+        env.node("DRMLoader").load("missing.safetensors", "auto")
+    with pytest.raises(ValueError, match="the 'drm' input must come from a DRMLoader"):
+        env.node("DRMScoreLatent").score(model, latent, prompts[0], 0.0, 0)
+    check = env.pack_module("nodes.common").check_model_matches
+    with pytest.raises(ValueError, match="DRMStepwiseSampler: the MODEL is a Flux model.*SD3"):
+        check(object.__new__(comfy.model_base.Flux), drm.model, "DRMStepwiseSampler")
+
+
+def test_drm_for_another_architecture_is_refused(env, torch, drm, prompts):
+    """An SD3 MMDiT with other text dims (a DRM for another family would not fit): refused before sampling."""
+    import comfy.ops
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+    net = MMDiT(patch_size=2, in_channels=16, out_channels=16, depth=1, adm_in_channels=32, pos_embed_max_size=16,
+                num_patches=256, operations=comfy.ops.disable_weight_init,
+                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 64}})
+    other = comfy.sd.load_diffusion_model_state_dict({k: torch.zeros_like(v) for k, v in net.state_dict().items()},
+                                                     model_options={"dtype": torch.float32})
+    small = [[torch.zeros(1, 8, 64), {"pooled_output": torch.zeros(1, 32)}]]
+    with pytest.raises(ValueError, match=r"DRMStepwiseKSampler: the DRM does not fit this MODEL: context dim 64 "
+                                         r"\(DRM expects 4096\), pooled dim 32"):
+        env.node("DRMStepwiseKSampler").sample(other, drm, prompts[0], small, empty_latent(env), 0, 2, 1.0, "simple",
+                                               2, 0.7, 0.0, 1.0, 1, "sde", 1.0)
+    with pytest.raises(ValueError, match="DRMStepwiseSampler: the DRM does not fit this MODEL"):
+        sample_custom(env, other, stepwise_sampler(env, drm, prompts[0]), (small, small), empty_latent(env))
+
+
+# ------------------------------------------------------------------------------------------------- server
+
+@pytest.fixture(scope="module")
+def server(env, tmp_path_factory):
+    """A real ComfyUI server over its own base folder (same tiny models), with a DRM also in an extra path."""
+    base = tmp_path_factory.mktemp("server_base")
+    shutil.copytree(env.base / "models", base / "models")
+    extra = base / "elsewhere" / "drm_models"
+    extra.mkdir(parents=True)
+    shutil.copy(base / "models" / "drm" / DRM_FILE, extra / "extra_drm.safetensors")
+    config = base / "extra_model_paths.yaml"
+    config.write_text(f"drm_tests:\n    base_path: {base / 'elsewhere'}\n    drm: drm_models/\n")
+    srv = comfy_env.ComfyServer(COMFYUI, base, extra_config=config)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_server_loads_the_pack_and_serves_object_info(server):
+    log = server.log()
+    assert "custom_nodes/drm_pack" in log
+    for line in log.splitlines():
+        assert not (("Cannot import" in line or "IMPORT FAILED" in line) and "drm_pack" in line), line
+    info = server.get("/object_info")
+    for node_id in NODE_IDS:
+        assert info[node_id]["description"] and info[node_id]["category"] == "DRM", node_id
+    options = info["DRMLoader"]["input"]["required"]["drm_name"][0]
+    assert DRM_FILE in options and "extra_drm.safetensors" in options  # extra_model_paths.yaml is honoured
+
+
+@pytest.mark.parametrize("name", comfy_env.workflow_names())
+def test_server_runs_the_workflow(server, name):
+    graph = comfy_env.for_tiny_models(comfy_env.load_workflow(name)[1])
+    result = server.run(graph)
+    assert result["status"]["status_str"] == "success", json.dumps(result["status"], indent=1)[-3000:]
+    outputs = result["outputs"]
+    saved = [img for out in outputs.values() for img in out.get("images", []) if img["type"] == "output"]
+    assert saved, f"{name}: no image saved"
+    for img in saved:
+        assert (server.log_path.parent / "output" / img["subfolder"] / img["filename"]).is_file()
+    texts = [t for out in outputs.values() for t in out.get("text", [])]
+    if name != "drm_stepwise_ksampler":
+        assert any("DRM scores at sigma 0" in t for t in texts), texts
+    assert "lora key not loaded" not in server.log()

@@ -1,0 +1,22 @@
+import json
+
+from training.cli import main
+
+
+def test_quick_demo_writes_report_metrics_and_plots(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("drm_accuracy", "drm_accuracy_random_init", "stepwise", "best_of_n", "seed", "n_prompts",
+                "n_samples"):
+        assert key in metrics, key
+    assert set(metrics["drm_accuracy"]) == {"0.0", "0.25", "0.5", "0.75"}
+    assert set(metrics["stepwise"]) == {"1", "2", "4"}
+    for v in metrics["stepwise"].values():
+        assert {"gt_reward_mean", "gt_reward_sem", "seconds"} <= set(v)
+    assert metrics["best_of_n"] and all("matched_k" in v for v in metrics["best_of_n"].values())
+    report = (out / "report.md").read_text()
+    assert "## Claims" in report and "| claim | reproduced | evidence |" in report
+    assert (out / "accuracy_and_reward.png").stat().st_size > 1000
+    assert list(out.glob("samples_*.png"))
+    assert str(out.resolve() / "report.md") in capsys.readouterr().out

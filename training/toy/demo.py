@@ -1,0 +1,234 @@
+"""`demo`: the toy world end to end — generator, preference data, DRM training (pretrained and random
+init), accuracy per noise level, step-wise sampling per k, and best-of-N at equal compute.
+
+Every stage goes through the same `drm_core` and `training` code as SD3.5-M: the generator is a
+diffusers SD3 MMDiT saved as a diffusers folder, the DRM is built from it by `drm_from_base`, the
+preference pairs are written with the trainer's cache format, and `train-drm` trains on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from drm_core import DRM, load_drm
+
+from ..cache_format import CacheWriter, PreferenceCache
+from ..config import load_config, save_resolved
+from ..evaluate import pairwise_accuracy
+from ..train_drm import DataSection, ModelSection, TrainDRMConfig, TrainSection, train
+from .generator import GeneratorConfig, train_generator
+from .report import write_report
+from .sampling import Batch, best_of_n, generate
+from .world import (N_CLASSES, GroundTruthReward, ToyTextEncoder, bradley_terry_labels, decode_model_space, encode,
+                    load_digits, prompt_text)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorldSection:
+    seed: int = 0
+    steps: int = 20  # sampling steps (SD3 shift 3 schedule)
+    noise_level: float = 0.7  # SDE noise level for the pool, plain sampling and step-wise candidates
+    pool: int = 5000  # generated images for the training pairs
+    train_pairs: int = 10000
+    eval_pool: int = 1000
+    eval_pairs: int = 2000
+    label_temperature: float = 0.25  # Bradley-Terry temperature of the simulated annotators
+
+
+@dataclass
+class DRMSection:
+    blocks: int = 3
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 3e-4
+    conv_channels: tuple[int, ...] = (32, 64, 64)
+    groups: int = 8
+    mlp_hidden: int = 64
+    sigma_sampling: str = "uniform"
+    sigma_shift: float = 1.0
+    noise_draws: int = 4
+
+
+@dataclass
+class SamplingSection:
+    ks: tuple[int, ...] = (1, 2, 4, 6)
+    samples_per_prompt: int = 64
+
+
+@dataclass
+class DemoConfig:
+    out: str = "demo_out"
+    world: WorldSection = field(default_factory=WorldSection)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    drm: DRMSection = field(default_factory=DRMSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+
+
+QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world.eval_pool=200",
+         "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
+         "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]"]
+
+
+def make_pairs(latents: torch.Tensor, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n random (a, b) index pairs of distinct images sharing a prompt -> [n, 2]."""
+    by_prompt = [torch.nonzero(prompts == c).flatten() for c in range(N_CLASSES)]
+    c = torch.randint(N_CLASSES, (n,), generator=g)
+    out = []
+    for ci in c.tolist():
+        members = by_prompt[ci]
+        a, b = torch.randperm(len(members), generator=g)[:2]
+        out.append((int(members[a]), int(members[b])))
+    return torch.tensor(out)
+
+
+def write_cache(root: Path, latents: torch.Tensor, prompts: torch.Tensor, text: ToyTextEncoder,
+                pairs: torch.Tensor, a_wins: torch.Tensor) -> PreferenceCache:
+    """The generated pool as a trainer cache: images, prompts, and (prompt, winner, loser) pairs."""
+    writer = CacheWriter(root, shard_size=4096)
+    for i, lat in enumerate(latents):
+        writer.add_image(i, lat)
+    for c in range(N_CLASSES):
+        ctx, pooled = text(torch.tensor([c]))
+        writer.add_prompt(c, ctx[0], pooled[0])
+    win = torch.where(a_wins, pairs[:, 0], pairs[:, 1])
+    lose = torch.where(a_wins, pairs[:, 1], pairs[:, 0])
+    rows = torch.stack([prompts[pairs[:, 0]], win, lose], 1)
+    writer.finish(rows, text={"scheme": "toy-table", "tokens": 4}, extra={"prompts": [prompt_text(c) for c in
+                                                                                     range(N_CLASSES)]})
+    return PreferenceCache(root, in_memory=True)
+
+
+def sem(x: torch.Tensor) -> float:
+    return float(x.std(unbiased=True) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def summary(batch: Batch, reward: GroundTruthReward) -> dict:
+    r = reward(decode_model_space(batch.latents), batch.prompts)
+    return {"gt_reward_mean": float(r.mean()), "gt_reward_sem": sem(r), "seconds": batch.seconds,
+            "n": len(r)}
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """All stages; returns metrics (also written to out/metrics.json with report.md and PNGs)."""
+    out = Path(config.out)
+    work = out / "work"
+    save_resolved(config, out)
+    w = config.world
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    torch.manual_seed(w.seed)
+    images, labels = load_digits()
+    text = ToyTextEncoder(w.seed)
+    reward = GroundTruthReward(images, labels)
+
+    log.info("1/6 training the toy SD3 generator (%d steps)", config.generator.steps)
+    tick = time.perf_counter()
+    generator = train_generator(encode(images), labels, text, config.generator)
+    generator.save_pretrained(work / "generator")
+    timings["generator"] = time.perf_counter() - tick
+
+    log.info("2/6 sampling the preference pool (%d + %d images)", w.pool, w.eval_pool)
+    tick = time.perf_counter()
+    g = torch.Generator().manual_seed(w.seed + 11)
+    prompts = torch.arange(N_CLASSES).repeat(math.ceil(w.pool / N_CLASSES))[: w.pool]
+    pool = generate(generator, text, prompts, torch.randn((w.pool, 16, 4, 4), generator=g), w.steps,
+                    w.noise_level, w.seed + 12)
+    eval_prompts = torch.arange(N_CLASSES).repeat(math.ceil(w.eval_pool / N_CLASSES))[: w.eval_pool]
+    eval_pool = generate(generator, text, eval_prompts, torch.randn((w.eval_pool, 16, 4, 4), generator=g),
+                         w.steps, w.noise_level, w.seed + 13)
+    r_pool = reward(decode_model_space(pool.latents), prompts)
+    r_eval = reward(decode_model_space(eval_pool.latents), eval_prompts)
+    pairs = make_pairs(pool.latents, prompts, w.train_pairs, g)
+    a_wins = bradley_terry_labels(r_pool[pairs[:, 0]], r_pool[pairs[:, 1]], w.label_temperature, g)
+    label_agreement = float(((r_pool[pairs[:, 0]] > r_pool[pairs[:, 1]]) == a_wins).float().mean())
+    train_cache = write_cache(work / "cache_train", pool.latents, prompts, text, pairs, a_wins)
+    eval_pairs = make_pairs(eval_pool.latents, eval_prompts, w.eval_pairs, g)
+    gt_a_wins = r_eval[eval_pairs[:, 0]] > r_eval[eval_pairs[:, 1]]  # ground-truth ordering
+    eval_cache = write_cache(work / "cache_eval", eval_pool.latents, eval_prompts, text, eval_pairs, gt_a_wins)
+    timings["pool"] = time.perf_counter() - tick
+
+    d = config.drm
+    sigmas = (0.0, 0.25, 0.5, 0.75)
+    drms: dict[str, DRM] = {}
+    accuracy: dict[str, dict[str, float]] = {}
+    for init in ("base", "random"):
+        log.info("3/6 training the DRM, %s init (%d steps)", "pretrained" if init == "base" else init, d.steps)
+        tick = time.perf_counter()
+        cfg = TrainDRMConfig(
+            out=str(work / f"drm_{init}"),
+            model=ModelSection(init=init, base=str(work / "generator"), blocks=d.blocks,
+                               conv_channels=d.conv_channels, groups=d.groups, mlp_hidden=d.mlp_hidden, dropout=0.0),
+            data=DataSection(cache=str(work / "cache_train"), eval_fraction=0.0, in_memory=True),
+            train=TrainSection(steps=d.steps, batch_size=d.batch_size, lr=d.lr, sigma_sampling=d.sigma_sampling,
+                               sigma_shift=d.sigma_shift, seed=w.seed, eval_every=10**9,
+                               checkpoint_every=max(d.steps // 2, 1), keep_checkpoints=1, log_every=20),
+        )
+        drms[init] = load_drm(train(cfg))
+        acc = pairwise_accuracy(drms[init], eval_cache, sigmas, d.noise_draws)
+        accuracy[init] = {str(s): a for s, a in acc.items()}
+        timings[f"drm_{init}"] = time.perf_counter() - tick
+
+    log.info("4/6 step-wise sampling, k in %s", list(config.sampling.ks))
+    s = config.sampling
+    slots = torch.arange(N_CLASSES).repeat_interleave(s.samples_per_prompt)
+    start_noise = torch.randn((len(slots), 16, 4, 4), generator=torch.Generator().manual_seed(w.seed + 21))
+    stepwise: dict[str, dict] = {}
+    batches: dict[str, Batch] = {}
+    for k in s.ks:
+        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22,
+                         drm=drms["base"] if k > 1 else None, k=k)
+        stepwise[str(k)] = summary(batch, reward)
+        batches[f"k={k}"] = batch
+
+    log.info("5/6 best-of-N at the compute of each k")
+    base_seconds = stepwise[str(s.ks[0])]["seconds"]
+    best: dict[str, dict] = {}
+    for k in s.ks[1:]:
+        n = max(2, round(stepwise[str(k)]["seconds"] / base_seconds))
+        if str(n) in best:
+            continue
+        batch = best_of_n(generator, text, drms["base"], slots, n, w.steps, w.noise_level, w.seed + 31)
+        best[str(n)] = {**summary(batch, reward), "matched_k": k}
+        batches[f"best-of-{n}"] = batch
+
+    metrics = {
+        "seed": w.seed, "n_prompts": N_CLASSES, "n_samples": len(slots),
+        "drm_accuracy": accuracy["base"], "drm_accuracy_random_init": accuracy["random"],
+        "stepwise": stepwise, "best_of_n": best,
+        "label_agreement_with_ground_truth": label_agreement,
+        "pool_gt_reward_mean": float(r_pool.mean()), "pool_gt_reward_std": float(r_pool.std()),
+        "timings_seconds": {**timings, "total": time.perf_counter() - t0},
+        "config": asdict(config),
+    }
+    log.info("6/6 writing the report")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_report(out, metrics, batches)
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="output folder (default demo_out)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run of every stage (about a minute; for tests)")
+    parser.add_argument("--config", default=None, help="TOML with [world], [generator], [drm], [sampling] tables")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(DemoConfig, args.config, (QUICK if args.quick else []) + args.overrides)
+    if args.out:
+        config.out = args.out
+    metrics = run_demo(config)
+    out = Path(config.out).resolve()
+    print(f"toy world done in {metrics['timings_seconds']['total']:.0f} s\n"
+          f"  report:  {out / 'report.md'}\n  metrics: {out / 'metrics.json'}\n  plots:   {out}/*.png")
+    return 0
