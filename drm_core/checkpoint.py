@@ -130,6 +130,42 @@ def drm_from_base(checkpoint: str | Path | Mapping[str, Tensor], blocks: int | N
     return _assemble(config, state, source.name, {"base_model": os.path.basename(base), "base_layout": layout.kind})
 
 
+def mmdit_module_names(checkpoint: str | Path | Mapping[str, Tensor]) -> set[str]:
+    """diffusers names of every weight-bearing module of the whole MMDiT (for checking LoRA keys)."""
+    source, layout, b = read_backbone_config(checkpoint)
+    full = infer_backbone(source.shapes, layout, source.name, b.depth, source.config)
+    return {d.rsplit(".", 1)[0] for d, _, _ in stability_names(full)}
+
+
+def load_mmdit(checkpoint: str | Path | Mapping[str, Tensor], dtype: torch.dtype | None = None):
+    """The whole SD3-family MMDiT as a diffusers SD3Transformer2DModel, from any supported layout (lazily)."""
+    from diffusers import SD3Transformer2DModel
+
+    source, layout, b = read_backbone_config(checkpoint)
+    b = infer_backbone(source.shapes, layout, source.name, b.depth, source.config)  # every block
+    names = [(d, layout.prefix + (s if layout.kind == "stability" else d), t if layout.kind == "stability" else None)
+             for d, s, t in stability_names(b)]
+    state = {}
+    for dname, sname, transform in names:
+        if sname not in source.shapes:
+            raise DRMError(f"{source.name}: tensor '{sname}' is missing (truncated or partial checkpoint?)")
+        tensor = apply_transform(source.get(sname), transform)
+        state[dname] = tensor if dtype is None else tensor.to(dtype)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(
+            sample_size=b.pos_embed_max_size, patch_size=b.patch_size,
+            in_channels=b.in_channels, num_layers=b.depth, attention_head_dim=b.head_dim,
+            num_attention_heads=b.heads, joint_attention_dim=b.context_dim,
+            caption_projection_dim=b.caption_projection_dim, pooled_projection_dim=b.pooled_dim,
+            out_channels=b.out_channels, pos_embed_max_size=b.pos_embed_max_size,
+            dual_attention_layers=b.dual_attention_layers, qk_norm=b.qk_norm)
+    missing = sorted(set(model.state_dict()) - set(state))
+    if missing:
+        raise DRMError(f"{source.name}: cannot build the MMDiT, tensors missing: {missing[:5]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
 def _assemble(config: DRMConfig, state: dict[str, Tensor], name: str, provenance: dict) -> DRM:
     with torch.device("meta"):
         drm = DRM(config, provenance)

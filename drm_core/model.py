@@ -13,6 +13,10 @@ How the paper's ambiguities are resolved (following the official DRM code, REFER
 - Conditioning: prompt tokens go through the joint attention, the pooled vector through the time
   embedding, exactly as in the generator; sigma enters as timestep 1000 * sigma.
 Backbone tensors use diffusers' SD3Transformer2DModel names; the head lives under `head.`.
+
+Head kinds (`config.head.kind`): "drm-conv" (above, the default; a header without `kind` is this) and
+"dina-lrm" (DiNa-LRM's attention-pooling head on tapped block outputs, `heads_dina.py`), which has no
+use for `norm_out`/`proj_out`, so a DRM of that kind does not create them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import DRMError
+from .heads_dina import DinaHeadConfig, DinaRewardHead
 from .latents import batch_sigma, sigma_to_timestep
 
 
@@ -72,8 +77,11 @@ class HeadConfig:
     groups: int = 32
     mlp_hidden: int = 512
     dropout: float = 0.1
+    kind: str = "drm-conv"
 
     def __post_init__(self) -> None:
+        if self.kind != "drm-conv":
+            raise DRMError(f"HeadConfig is the 'drm-conv' head, got kind {self.kind!r}")
         object.__setattr__(self, "conv_channels", tuple(int(c) for c in self.conv_channels))
         bad = [c for c in self.conv_channels if c % self.groups]
         if not self.conv_channels or bad:
@@ -81,17 +89,41 @@ class HeadConfig:
                            f"groups={self.groups}")
 
 
+HEAD_KINDS = {"drm-conv": HeadConfig, "dina-lrm": DinaHeadConfig}
+
+
+def head_config(options: dict | None = None) -> HeadConfig | DinaHeadConfig:
+    """Head config from a dict (a DRM header's `head`, or keyword options); no `kind` means "drm-conv"."""
+    options = dict(options or {})
+    kind = options.get("kind", "drm-conv")
+    if kind not in HEAD_KINDS:
+        raise DRMError(f"unknown head kind {kind!r} (known: {sorted(HEAD_KINDS)})")
+    return HEAD_KINDS[kind](**options)
+
+
 @dataclass(frozen=True)
 class DRMConfig:
     backbone: BackboneConfig
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig | DinaHeadConfig = field(default_factory=HeadConfig)
 
     def to_dict(self) -> dict:
         return {"backbone": asdict(self.backbone), "head": asdict(self.head)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DRMConfig":
-        return cls(BackboneConfig(**d["backbone"]), HeadConfig(**d["head"]))
+        return cls(BackboneConfig(**d["backbone"]), head_config(d["head"]))
+
+    @property
+    def uses_output_layer(self) -> bool:
+        """Whether the head reads the DiT's own output layer (norm_out/proj_out + unpatchify)."""
+        return self.head.kind == "drm-conv"
+
+
+def build_head(config: DRMConfig) -> nn.Module:
+    """The (untrained) head module for a DRM config, by head kind."""
+    if config.head.kind == "dina-lrm":
+        return DinaRewardHead(config.backbone.hidden, config.head)
+    return RewardHead(config.backbone.out_channels, config.head)
 
 
 class RewardHead(nn.Module):
@@ -132,35 +164,54 @@ class DRM(nn.Module):
                                   use_dual_attention=i in b.dual_attention_layers)
             for i in range(b.blocks)
         ])
-        self.norm_out = AdaLayerNormContinuous(b.hidden, b.hidden, elementwise_affine=False, eps=1e-6)
-        self.proj_out = nn.Linear(b.hidden, b.patch_size * b.patch_size * b.out_channels)
-        self.head = RewardHead(b.out_channels, config.head)
+        if config.uses_output_layer:
+            self.norm_out = AdaLayerNormContinuous(b.hidden, b.hidden, elementwise_affine=False, eps=1e-6)
+            self.proj_out = nn.Linear(b.hidden, b.patch_size * b.patch_size * b.out_channels)
+        else:
+            config.head.check_backbone(b)
+        self.head = build_head(config)
         self.gradient_checkpointing = False
         for name, param in self.named_parameters():
             if name in self.unused_parameter_names():
                 param.requires_grad_(False)
 
     def unused_parameter_names(self) -> set[str]:
-        """The last kept block's context-stream output (its to_add_out, ff_context) never reaches the score:
-        kept in the file for fidelity to the base, frozen so optimisers and DDP skip them."""
+        """Parameters that never reach the score, kept in the file for fidelity to the base and frozen so
+        optimisers and DDP skip them: the last kept block's context-stream output (to_add_out,
+        ff_context) unless a head taps the text tokens after it."""
         last = len(self.transformer_blocks) - 1
         if self.config.backbone.blocks == self.config.backbone.depth:
+            return set()
+        if self.config.head.kind == "dina-lrm" and last + 1 in self.config.head.text_taps:
             return set()
         prefixes = (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.ff_context.")
         return {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
 
-    def features(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
-        """Kept MMDiT blocks + norm_out/proj_out + unpatchify: [B, 16, H, W] -> map [B, 16, H, W]."""
-        b = self.config.backbone
-        height, width = latents.shape[-2:]
+    def run_backbone(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor,
+                     taps: frozenset[int] = frozenset()) -> tuple[Tensor, Tensor, dict[int, tuple[Tensor, Tensor]]]:
+        """Embed and run the kept blocks. Returns the last image tokens [B, HW/p^2, D], the time+pooled
+        embedding temb [B, D], and {n: (image tokens, text tokens)} after block n (1-based; 0 = the
+        embedded inputs) for every n in `taps`."""
         h = self.pos_embed(latents).contiguous()  # [B, HW/p^2, D]
         temb = self.time_text_embed(sigma_to_timestep(sigma), pooled)  # [B, D]
         c = self.context_embedder(context)  # [B, N, D]
-        for block in self.transformer_blocks:
+        tapped = {0: (h, c)} if 0 in taps else {}
+        for i, block in enumerate(self.transformer_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 c, h = checkpoint(block, h, c, temb, use_reentrant=False)
             else:
                 c, h = block(hidden_states=h, encoder_hidden_states=c, temb=temb)
+            if i + 1 in taps:
+                tapped[i + 1] = (h, c)
+        return h, temb, tapped
+
+    def features(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+        """Kept MMDiT blocks + norm_out/proj_out + unpatchify: [B, 16, H, W] -> map [B, 16, H, W]."""
+        if not self.config.uses_output_layer:
+            raise DRMError(f"DRM.features: a '{self.config.head.kind}' head has no output-layer feature map")
+        b = self.config.backbone
+        height, width = latents.shape[-2:]
+        h, temb, _ = self.run_backbone(latents, sigma, context, pooled)
         h = self.proj_out(self.norm_out(h, temb))  # [B, HW/p^2, p*p*C]
         p, gh, gw = b.patch_size, height // b.patch_size, width // b.patch_size
         fmap = h.reshape(h.shape[0], gh, gw, p, p, b.out_channels)
@@ -168,6 +219,12 @@ class DRM(nn.Module):
 
     def forward(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
         """Scores [B] (float32) for model-space latents [B, 16, H, W] at noise level sigma [B] (no checks)."""
+        if self.config.head.kind == "dina-lrm":
+            head = self.config.head
+            _, temb, tapped = self.run_backbone(latents, sigma, context, pooled, head.taps)
+            image = [tapped[n][0] for n in head.visual_taps]
+            text = [tapped[n][1] for n in head.text_taps]
+            return self.head(image, text, temb).float()
         return self.head(self.features(latents, sigma, context, pooled)).float()
 
     def score(self, latents: Tensor, sigma: Tensor | float, context: Tensor, pooled: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ COMMANDS = {
     "cache": ("training.cache", "encode preference images and prompts once into a sharded cache"),
     "train-drm": ("training.train_drm", "train a DRM with the Bradley-Terry loss on a preference cache"),
     "eval-drm": ("training.evaluate", "pairwise accuracy of a DRM per noise level on a preference cache"),
+    "verify-lora": ("training.lora", "check that a LoRA file loads in ComfyUI: unloaded keys and effective scale"),
     "demo": ("training.toy.demo", "run the toy world end to end (the README's main job)"),
 }
 
