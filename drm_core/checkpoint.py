@@ -24,7 +24,7 @@ from torch import Tensor
 from .errors import DRMError
 from .keys import Layout, apply_transform, detect_layout, infer_backbone, stability_names
 from .latents import SD3_LATENT_CHANNELS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT
-from .model import DRM, DRMConfig, HeadConfig, RewardHead
+from .model import DRM, DRMConfig, build_head, head_config
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +108,26 @@ def read_backbone_config(checkpoint: str | Path | Mapping[str, Tensor], blocks: 
 
 def drm_from_base(checkpoint: str | Path | Mapping[str, Tensor], blocks: int | None = None,
                   dtype: torch.dtype | None = None, **head_options) -> DRM:
-    """Untrained DRM from an SD3-family MMDiT checkpoint (any supported layout); blocks=None keeps depth - 3."""
+    """Untrained DRM from an SD3-family MMDiT checkpoint (any supported layout); blocks=None keeps depth - 3.
+    `head_options` configure the head; `kind="dina-lrm"` selects the DiNa-LRM head (default "drm-conv")."""
     source, layout, backbone = read_backbone_config(checkpoint, blocks)
-    config = DRMConfig(backbone, HeadConfig(**head_options))
+    config = DRMConfig(backbone, head_config(head_options))
+    kept = [(d, s, t) for d, s, t in stability_names(backbone)
+            if config.uses_output_layer or not d.startswith(("norm_out.", "proj_out."))]
     if layout.kind == "stability":
-        names = [(d, layout.prefix + s, t) for d, s, t in stability_names(backbone)]
+        names = [(d, layout.prefix + s, t) for d, s, t in kept]
     else:
-        names = [(d, layout.prefix + d, None) for d, _, _ in stability_names(backbone)]
+        names = [(d, layout.prefix + d, None) for d, _, _ in kept]
     state: dict[str, Tensor] = {}
     for dname, sname, transform in names:
         if sname not in source.shapes:
             raise DRMError(f"{source.name}: tensor '{sname}' is missing (needed for block layout {backbone})")
         tensor = apply_transform(source.get(sname), transform)
         state[dname] = tensor if dtype is None else tensor.to(dtype)
-    dtype = dtype or state["proj_out.weight"].dtype
+    dtype = dtype or state["pos_embed.proj.weight"].dtype
     device = "meta" if source.is_meta() else "cpu"
     with torch.device(device):
-        head = RewardHead(backbone.out_channels, config.head).to(dtype)
+        head = build_head(config).to(dtype)
     state.update({f"head.{k}": v for k, v in head.state_dict().items()})
     base = source.name if isinstance(checkpoint, (str, Path)) else "state dict"
     return _assemble(config, state, source.name, {"base_model": os.path.basename(base), "base_layout": layout.kind})

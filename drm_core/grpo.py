@@ -6,6 +6,7 @@ from the images of one prompt. The maths is the same.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,3 +53,16 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
     """
     kl = (mean.float() - ref_mean.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def candidate_log_probs(candidates: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(candidate_j; mean, std^2) for the k candidates of each parent, from ONE mean: [B, k, ...] -> [B, k].
+
+    In Step-GRPO all k candidates of a step share their parent x_t, so one policy forward (the mean of
+    eq. 6) gives all k log-probabilities; averaged over non-batch dimensions like `sde_log_prob`.
+    """
+    mean = mean.float().unsqueeze(1)  # [B, 1, ...]
+    std = std.float().unsqueeze(1)
+    diff = candidates.float() - mean
+    log_prob = -(diff**2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(2, log_prob.ndim)))

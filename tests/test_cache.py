@@ -69,12 +69,12 @@ def text_models(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    clip = dict(vocab_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+    clip = dict(vocab_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=77, eos_token_id=2, bos_token_id=1, pad_token_id=2)
     clip_l = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **clip))
     clip_g = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=2048 - 32,
                                                         hidden_act="gelu", **clip))
-    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=4096, d_kv=4, d_ff=8, num_layers=2, num_heads=2,
+    t5 = T5EncoderModel(T5Config(vocab_size=32, d_model=4096, d_kv=4, d_ff=8, num_layers=1, num_heads=2,
                                  feed_forward_proj="gated-gelu"))
     return [m.eval() for m in (clip_l, clip_g, t5)]
 

@@ -37,10 +37,6 @@ def images(tmp_path: Path) -> Path:
     return root
 
 
-def pixel(ref: Path) -> tuple[int, ...]:
-    return ImageReader().open(ref).getpixel((0, 0))
-
-
 def names(data, pair: int) -> tuple[str, str, str]:
     prompt, win, lose, _ = data.pairs[pair]
     return data.prompts[prompt], data.images[win].name, data.images[lose].name

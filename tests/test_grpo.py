@@ -27,3 +27,31 @@ def test_kl_is_closed_form_gaussian_kl():
     m, mr, s = torch.randn(3, 16, 2, 2), torch.randn(3, 16, 2, 2), torch.full((3, 1, 1, 1), 0.3)
     exact = torch.distributions.kl_divergence(torch.distributions.Normal(m, s), torch.distributions.Normal(mr, s))
     torch.testing.assert_close(gaussian_kl(m, mr, s), exact.mean((1, 2, 3)))
+
+
+def test_one_forward_gives_all_k_log_probs_with_the_k_forward_gradient():
+    """Step-GRPO: k candidates share a parent, so one velocity evaluation serves all k (same gradient)."""
+    from drm_core import candidate_log_probs, sde_log_prob, sde_step
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16)
+    x = torch.randn(2, 16, 2, 2)
+    velocity = lambda x: layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # noqa: E731
+    k = 4
+    with torch.no_grad():
+        step = sde_step(x.repeat_interleave(k, 0), velocity(x).repeat_interleave(k, 0), 0.8, 0.7, 0.7)
+    candidates = step.sample.view(2, k, 16, 2, 2)
+    adv = torch.randn(2, k)
+
+    one = sde_step(x, velocity(x), 0.8, 0.7, 0.7, noise=torch.zeros_like(x))
+    loss_one = -(candidate_log_probs(candidates, one.mean, one.std) * adv).mean()
+    grad_one = torch.autograd.grad(loss_one, layer.weight)[0]
+
+    logps = []
+    for j in range(k):  # the naive way: one policy forward per candidate
+        s = sde_step(x, velocity(x), 0.8, 0.7, 0.7, noise=torch.zeros_like(x))
+        logps.append(sde_log_prob(candidates[:, j], s.mean, s.std))
+    loss_k = -(torch.stack(logps, 1) * adv).mean()
+    grad_k = torch.autograd.grad(loss_k, layer.weight)[0]
+    torch.testing.assert_close(loss_one, loss_k)
+    torch.testing.assert_close(grad_one, grad_k, rtol=1e-5, atol=1e-7)

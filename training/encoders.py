@@ -386,7 +386,9 @@ class SD3VAEEncoder:
         if shift is None or abs(shift - SD3_LATENT_SHIFT) > 1e-6 or abs(scale - SD3_LATENT_SCALE) > 1e-6:
             log.warning("VAE config has shift_factor=%s scaling_factor=%s; using SD3's %s / %s (the model space "
                         "ComfyUI and the DRM use)", shift, scale, SD3_LATENT_SHIFT, SD3_LATENT_SCALE)
-        self.vae = vae.to(device=device, dtype=dtype).eval()
+        if vae.dtype != dtype:
+            vae = vae.to(dtype=dtype)
+        self.vae = vae.to(device).eval()
         self.resolution, self.device, self.dtype, self.seed = resolution, torch.device(device), dtype, seed
 
     @classmethod

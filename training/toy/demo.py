@@ -25,6 +25,7 @@ from ..config import load_config, save_resolved
 from ..evaluate import pairwise_accuracy
 from ..train_drm import DataSection, ModelSection, TrainDRMConfig, TrainSection, train
 from .generator import GeneratorConfig, train_generator
+from .grpo_demo import GRPOSection, grpo_experiment
 from .report import write_report
 from .sampling import Batch, best_of_n, generate
 from .world import (N_CLASSES, GroundTruthReward, ToyTextEncoder, bradley_terry_labels, decode_model_space, encode,
@@ -72,11 +73,13 @@ class DemoConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     drm: DRMSection = field(default_factory=DRMSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
 QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world.eval_pool=200",
          "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
-         "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]"]
+         "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]", "grpo.seeds=[0]", "grpo.iterations=2",
+         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=4", "grpo.eval_steps=4"]
 
 
 def make_pairs(latents: torch.Tensor, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -131,13 +134,13 @@ def run_demo(config: DemoConfig) -> dict:
     text = ToyTextEncoder(w.seed)
     reward = GroundTruthReward(images, labels)
 
-    log.info("1/6 training the toy SD3 generator (%d steps)", config.generator.steps)
+    log.info("1/7 training the toy SD3 generator (%d steps)", config.generator.steps)
     tick = time.perf_counter()
     generator = train_generator(encode(images), labels, text, config.generator)
     generator.save_pretrained(work / "generator")
     timings["generator"] = time.perf_counter() - tick
 
-    log.info("2/6 sampling the preference pool (%d + %d images)", w.pool, w.eval_pool)
+    log.info("2/7 sampling the preference pool (%d + %d images)", w.pool, w.eval_pool)
     tick = time.perf_counter()
     g = torch.Generator().manual_seed(w.seed + 11)
     prompts = torch.arange(N_CLASSES).repeat(math.ceil(w.pool / N_CLASSES))[: w.pool]
@@ -162,7 +165,7 @@ def run_demo(config: DemoConfig) -> dict:
     drms: dict[str, DRM] = {}
     accuracy: dict[str, dict[str, float]] = {}
     for init in ("base", "random"):
-        log.info("3/6 training the DRM, %s init (%d steps)", "pretrained" if init == "base" else init, d.steps)
+        log.info("3/7 training the DRM, %s init (%d steps)", "pretrained" if init == "base" else init, d.steps)
         tick = time.perf_counter()
         cfg = TrainDRMConfig(
             out=str(work / f"drm_{init}"),
@@ -178,7 +181,7 @@ def run_demo(config: DemoConfig) -> dict:
         accuracy[init] = {str(s): a for s, a in acc.items()}
         timings[f"drm_{init}"] = time.perf_counter() - tick
 
-    log.info("4/6 step-wise sampling, k in %s", list(config.sampling.ks))
+    log.info("4/7 step-wise sampling, k in %s", list(config.sampling.ks))
     s = config.sampling
     slots = torch.arange(N_CLASSES).repeat_interleave(s.samples_per_prompt)
     start_noise = torch.randn((len(slots), 16, 4, 4), generator=torch.Generator().manual_seed(w.seed + 21))
@@ -190,7 +193,7 @@ def run_demo(config: DemoConfig) -> dict:
         stepwise[str(k)] = summary(batch, reward)
         batches[f"k={k}"] = batch
 
-    log.info("5/6 best-of-N at the compute of each k")
+    log.info("5/7 best-of-N at the compute of each k")
     base_seconds = stepwise[str(s.ks[0])]["seconds"]
     best: dict[str, dict] = {}
     for k in s.ks[1:]:
@@ -201,16 +204,24 @@ def run_demo(config: DemoConfig) -> dict:
         best[str(n)] = {**summary(batch, reward), "matched_k": k}
         batches[f"best-of-{n}"] = batch
 
+    grpo = {}
+    if config.grpo.enabled:
+        log.info("6/7 GRPO vs Step-GRPO (%d iterations x %d seeds each)", config.grpo.iterations,
+                 len(config.grpo.seeds))
+        tick = time.perf_counter()
+        grpo = grpo_experiment(generator, drms["base"], text, reward, config.grpo)
+        timings["grpo"] = time.perf_counter() - tick
+
     metrics = {
         "seed": w.seed, "n_prompts": N_CLASSES, "n_samples": len(slots),
         "drm_accuracy": accuracy["base"], "drm_accuracy_random_init": accuracy["random"],
-        "stepwise": stepwise, "best_of_n": best,
+        "stepwise": stepwise, "best_of_n": best, **grpo,
         "label_agreement_with_ground_truth": label_agreement,
         "pool_gt_reward_mean": float(r_pool.mean()), "pool_gt_reward_std": float(r_pool.std()),
         "timings_seconds": {**timings, "total": time.perf_counter() - t0},
         "config": asdict(config),
     }
-    log.info("6/6 writing the report")
+    log.info("7/7 writing the report")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, metrics, batches)
     return metrics

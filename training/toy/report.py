@@ -26,6 +26,18 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
         se = math.hypot(sw["4"]["gt_reward_sem"], sw["1"]["gt_reward_sem"])
         out.append(("k = 4 beats plain sampling by at least 3 standard errors", gap >= 3 * se,
                     f"gap {gap:.3f}, standard error of the gap {se:.3f} ({gap / se:.1f} SE)"))
+    if "summary" in m:
+        g = m["summary"]
+        it, sec = g["step_grpo_reaches_it_at_iteration"], g["step_grpo_reaches_it_at_seconds"]
+        reached = it is not None
+        out.append(("Step-GRPO reaches GRPO's best ground-truth reward in at most half the steps and time (Fig. 2, 7)",
+                    reached and it <= g["grpo_best_at_iteration"] / 2 and sec <= g["grpo_best_at_seconds"] / 2,
+                    (f"GRPO best {g['grpo_best_gt']:.3f} at iteration {g['grpo_best_at_iteration']:.0f} "
+                     f"({g['grpo_best_at_seconds']:.0f} s); Step-GRPO " +
+                     (f"reaches it at iteration {it:.0f} ({sec:.0f} s)" if reached else "never reaches it"))))
+        out.append(("with the KL guard, Step-GRPO's final ground-truth reward stays at or above the untuned generator's",
+                    g["step_grpo_final_gt"] >= g["untuned_gt"],
+                    f"final {g['step_grpo_final_gt']:.3f} vs untuned {g['untuned_gt']:.3f}"))
     rnd = m["drm_accuracy_random_init"]
     out.append(("pretrained init beats random init at equal budget (Table 1; reported, not required)",
                 acc["0.0"] > rnd["0.0"], f"sigma 0: {acc['0.0']:.3f} vs {rnd['0.0']:.3f}"))
@@ -56,6 +68,21 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
                      f"{v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | {v['seconds']:.1f} |")
     lines += ["", "Step-wise sampling and best-of-N spend the same kind of extra compute (DRM calls and, for "
               "best-of-N, whole extra generations); N is chosen so that the measured wall time matches k.", ""]
+    if "summary" in m:
+        cfg = m["config"]["grpo"]
+        lines += ["## GRPO vs. Step-GRPO", "",
+                  f"{len(cfg['seeds'])} seeds, {cfg['iterations']} iterations of {cfg['prompts_per_iteration']} prompts, "
+                  f"group / k = {cfg['group']}, {cfg['steps']} sampling steps, LoRA r {cfg['lora_rank']}, "
+                  f"KL beta {cfg['kl_beta']}; evaluated on {cfg['eval_samples']} held-out samples with "
+                  f"{cfg['eval_steps']} steps. Ground truth and DRM score side by side show reward hacking.", "",
+                  "| method | untuned GT | best GT (iteration) | final GT | final DRM score | train seconds |",
+                  "|---|---|---|---|---|---|"]
+        for key, name in (("grpo", "GRPO (terminal DRM reward)"), ("step_grpo", "Step-GRPO (per-step DRM reward)")):
+            c = m[key]["curve"]
+            best = max(c, key=lambda r: r[2])
+            lines.append(f"| {name} | {c[0][2]:.3f} | {best[2]:.3f} +- {best[4]:.3f} ({best[0]:.0f}) | "
+                         f"{c[-1][2]:.3f} +- {c[-1][4]:.3f} | {c[-1][3]:.3f} | {c[-1][1]:.0f} |")
+        lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     t = m["timings_seconds"]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())]
@@ -95,6 +122,24 @@ def _plots(out: Path, m: dict, batches: dict[str, Batch]) -> list[Path]:
     paths.append(out / "accuracy_and_reward.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+
+    if "summary" in m:
+        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+        for key, name in (("grpo", "GRPO"), ("step_grpo", "Step-GRPO")):
+            c = m[key]["curve"]
+            it, sec, gt, score, se = ([r[i] for r in c] for i in range(5))
+            ax[0].errorbar(it, gt, yerr=se, marker="o", capsize=2, label=name)
+            ax[1].errorbar(sec, gt, yerr=se, marker="o", capsize=2, label=name)
+            ax[2].plot(it, score, marker="o", label=name)
+        ax[0].set(xlabel="optimisation step", ylabel="ground-truth reward (held out)", title="GT reward vs. steps")
+        ax[1].set(xlabel="training wall time (s)", ylabel="ground-truth reward", title="GT reward vs. time")
+        ax[2].set(xlabel="optimisation step", ylabel="DRM score (sigma 0)", title="DRM score (what is optimised)")
+        for a in ax:
+            a.legend()
+        fig.tight_layout()
+        paths.append(out / "grpo_vs_step_grpo.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
     rows = []
     for name, batch in batches.items():
