@@ -21,15 +21,17 @@ from drm_core import DRMError
 PREFIX = "step-"
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int = 3) -> Path:
-    """Write model, optimizer and JSON state for `step`; keep only the newest `keep` checkpoints."""
+def save_checkpoint(root: Path, step: int, model: nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, state: dict, keep: int = 3) -> Path:
+    """Write model (a module or just the tensors to keep, e.g. a LoRA), optimizer and JSON state for `step`;
+    keep only the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".tmp-{PREFIX}{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    tensors = model if isinstance(model, dict) else model.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": groups, **state}, indent=1))
@@ -59,11 +61,13 @@ def resolve_resume(root: Path, resume: str | None) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model and optimizer in place; returns the JSON state (step, rng, data position...)."""
+def load_checkpoint(path: Path, model: nn.Module | None, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model (if given) and optimizer in place; returns the JSON state plus `tensors` (the model file)."""
     state = json.loads((path / "state.json").read_text())
     with safe_open(str(path / "model.safetensors"), "pt") as f:
-        model.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+        state["tensors"] = {k: f.get_tensor(k) for k in f.keys()}
+    if model is not None:
+        model.load_state_dict(state["tensors"])
     with safe_open(str(path / "optimizer.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))

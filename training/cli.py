@@ -13,6 +13,8 @@ COMMANDS = {
     "cache": ("training.cache", "encode preference images and prompts once into a sharded cache"),
     "train-drm": ("training.train_drm", "train a DRM with the Bradley-Terry loss on a preference cache"),
     "eval-drm": ("training.evaluate", "pairwise accuracy of a DRM per noise level on a preference cache"),
+    "train-grpo": ("training.train_grpo", "Step-GRPO (--mode step) or Flow-GRPO (--mode terminal) LoRA training"),
+    "export-lora": ("training.export_lora", "write a train-grpo checkpoint as a LoRA file for ComfyUI and diffusers"),
     "verify-lora": ("training.lora", "check that a LoRA file loads in ComfyUI: unloaded keys and effective scale"),
     "import-rm": ("training.import_rm", "turn a published latent reward model (DiNa-LRM, official DRM) into a DRM file"),
     "demo": ("training.toy.demo", "run the toy world end to end (the README's main job)"),

@@ -1,0 +1,262 @@
+"""`train-grpo`: Step-GRPO (`--mode step`, DRM paper §3.3) or Flow-GRPO (`--mode terminal`) LoRA training.
+
+Build: the SD3 MMDiT (any layout) with a LoRA, the DRM, prompt embeddings encoded once (then the text
+encoders are freed). Loop: rollout -> DRM rewards -> advantages -> PPO-clipped update (+ KL to the
+LoRA-off reference) -> log -> held-out eval (best LoRA kept, early stop on it) -> checkpoint.
+All randomness derives from (seed, iteration), so `--resume latest` repeats an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from drm_core import DRMError, flow_sigmas, load_drm, load_mmdit, sde_sample
+
+from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from .config import load_config, save_resolved
+from .grpo_core import Policy, policy_update, rollout_step_grpo, rollout_terminal
+from .lora import DEFAULT_TARGETS, add_lora, export_lora
+from .metrics import MetricLogger
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PolicySection:
+    base: str = ""  # SD3/SD3.5 checkpoint: single file, bare MMDiT, or diffusers transformer folder
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp32) | bf16 | fp32
+
+
+@dataclass
+class RewardSection:
+    drm: str = ""  # DRM file that gives the training reward
+    holdout_drm: str = ""  # a second reward the policy is not trained on (empty: the training DRM at sigma 0)
+
+
+@dataclass
+class PromptSection:
+    file: str = ""  # one prompt per line (.txt) or {"prompt": ...} per line (.jsonl)
+    text_encoders: str = ""  # local diffusers SD3 folder; prompts are encoded once, ComfyUI's way
+    cache: str = ""  # or: a folder with prompt embeddings already encoded (written by a previous run)
+    eval_prompts: int = 16  # held out from training, used for monitoring
+
+
+@dataclass
+class GRPOSection:
+    mode: str = "step"  # step (Step-GRPO) | terminal (Flow-GRPO)
+    iterations: int = 300
+    prompts_per_iteration: int = 4  # per process
+    group: int = 8  # k candidates per step (step) / trajectories per prompt (terminal)
+    steps: int = 10
+    eval_steps: int = 40
+    eval_every: int = 20
+    patience: int = 5  # evaluations without a new best held-out reward before stopping (0: never stop)
+    resolution: int = 512
+    noise_level: float = 0.7
+    cfg_scale: float = 4.5
+    lr: float = 1e-4
+    clip_range: float = 1e-4
+    kl_beta: float = 0.04  # exact per-step Gaussian KL (Flow-GRPO's beta omits the step-size factor)
+    grad_clip: float = 1.0
+    continue_with: str = "random"  # step mode: random (on-policy) | argmax
+    seed: int = 0
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 3
+    log_every: int = 1
+
+
+@dataclass
+class TrainGRPOConfig:
+    out: str = "runs/grpo"
+    policy: PolicySection = field(default_factory=PolicySection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    prompts: PromptSection = field(default_factory=PromptSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a .txt (one per line) or .jsonl ({"prompt": ...} per line); blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DRMError(f"prompts.file {path}: no such file")
+    prompts = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DRMError(f"{path}:{i}: expected a JSON object with a 'prompt' key ({err})") from err
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise DRMError(f"prompts.file {path}: no prompts")
+    return prompts
+
+
+def prompt_embeddings(cfg: PromptSection, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, N, 4096] and [M, 2048]: read from `cache`, or encoded once from `file` and saved to out/prompts."""
+    folder = Path(cfg.cache) if cfg.cache else out / "prompts"
+    path = folder / "prompt_embeddings.safetensors"
+    if not path.is_file():
+        if not (cfg.file and cfg.text_encoders):
+            raise DRMError(f"no prompt embeddings at {path}: set prompts.file and prompts.text_encoders")
+        from .encoders import SD3TextEncoder
+
+        texts = read_prompt_file(cfg.file)
+        encoder = SD3TextEncoder.from_pretrained(cfg.text_encoders)
+        parts = [encoder.encode(texts[i:i + 16]) for i in range(0, len(texts), 16)]
+        del encoder  # no text encoder stays in memory while training
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"context": torch.cat([p[0] for p in parts]).contiguous(),
+                   "pooled": torch.cat([p[1] for p in parts]).contiguous()}, path,
+                  {"prompts": json.dumps(texts), "scheme": "comfyui-sd3"})
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("context").float(), f.get_tensor("pooled").float()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | None = None) -> Path:
+    """Train and write out/lora.safetensors (final) and out/best_lora.safetensors (best held-out reward)."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg, out = config.grpo, Path(config.out)
+    if cfg.mode not in ("step", "terminal"):
+        raise DRMError(f"grpo.mode must be step or terminal, got {cfg.mode!r}")
+    if not config.policy.base or not config.reward.drm:
+        raise DRMError("policy.base and reward.drm are required")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    dtype = torch.bfloat16 if config.policy.dtype == "bf16" or (
+        config.policy.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else torch.float32
+    context, pooled = prompt_embeddings(config.prompts, out)
+    n_eval = min(config.prompts.eval_prompts, len(context) // 2)
+    train_rows, eval_rows = torch.arange(n_eval, len(context)), torch.arange(n_eval)
+    torch.manual_seed(cfg.seed)
+    model = add_lora(load_mmdit(config.policy.base, dtype=dtype), config.policy.lora_rank,
+                     config.policy.lora_alpha, config.policy.targets).to(device)
+    for p in trainable_state(model).values():
+        p.data = p.data.float()  # LoRA weights in fp32 (master copy), base stays in `dtype`
+    drm = load_drm(config.reward.drm, device=device, dtype=dtype)
+    holdout = load_drm(config.reward.holdout_drm, device=device, dtype=dtype) if config.reward.holdout_drm else drm
+    policy = Policy(model, context.to(device, dtype), pooled.to(device, dtype), cfg.cfg_scale)
+    optimizer = torch.optim.AdamW(list(trainable_state(model).values()), lr=cfg.lr, weight_decay=0.0)
+    start, best, stale = 0, float("-inf"), 0
+    ckpt = resolve_resume(out / "checkpoints", resume)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, None, optimizer)
+        missing = set(trainable_state(model)) - set(state["tensors"])
+        if missing:
+            raise DRMError(f"{ckpt}: LoRA tensors missing {sorted(missing)[:3]} (different LoRA settings?)")
+        model.load_state_dict(state["tensors"], strict=False)
+        start, best, stale = state["step"], state.get("best", float("-inf")), state.get("stale", 0)
+        log.info("resumed from %s at iteration %d", ckpt, start)
+    if accelerator.is_main_process:
+        save_resolved(config, out)
+    metrics = MetricLogger(out, enabled=accelerator.is_main_process, truncate_after=start)
+    latent_side = cfg.resolution // 8
+    sigmas = flow_sigmas(cfg.steps)
+
+    def reward_fn(latents: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return drm.score(latents.to(dtype), sigma, policy.context[rows], policy.pooled[rows])
+
+    end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
+    bar = tqdm(total=cfg.iterations, initial=start, disable=not accelerator.is_main_process, desc=f"grpo-{cfg.mode}")
+    for it in range(start, end):
+        tick = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it * world + rank)
+        rows = train_rows[torch.randint(len(train_rows), (cfg.prompts_per_iteration,), generator=g)].to(device)
+        model.eval()
+        if cfg.mode == "step":
+            x = torch.randn((len(rows), 16, latent_side, latent_side), generator=g).to(device, dtype)
+            x0, transitions = rollout_step_grpo(policy, reward_fn, x, rows, sigmas, cfg.group, cfg.noise_level, g,
+                                                cfg.continue_with)
+            rewards = torch.cat([reward_fn(t.children.flatten(0, 1), torch.tensor(t.sigma_next),
+                                           t.rows.repeat_interleave(cfg.group)) for t in transitions[-1:]])
+        else:
+            rows = rows.repeat_interleave(cfg.group)
+            x = torch.randn((len(rows), 16, latent_side, latent_side), generator=g).to(device, dtype)
+            x0, rewards, transitions = rollout_terminal(policy, reward_fn, x, rows, sigmas, cfg.group,
+                                                        cfg.noise_level, g)
+        model.train()
+        stats = policy_update(policy, transitions, optimizer, cfg.noise_level, cfg.clip_range, cfg.kl_beta,
+                              cfg.grad_clip, backward=lambda loss: _backward_synced(loss, model, accelerator))
+        done = it + 1
+        bar.update(1)
+        if done % cfg.log_every == 0:
+            metrics.log(done, {"reward": accelerator.reduce(rewards.float().mean().to(device), "mean").item(),
+                               "loss": stats.loss, "kl": stats.kl, "clip_fraction": stats.clip_fraction,
+                               "seconds": time.perf_counter() - tick})
+        if done % cfg.eval_every == 0 or done == cfg.iterations:
+            held = evaluate(policy, holdout, eval_rows.to(device), cfg, latent_side, dtype)
+            metrics.log(done, {"eval/holdout_reward": held})
+            if held > best:
+                best, stale = held, 0
+                if accelerator.is_main_process:
+                    export_lora(accelerator.unwrap_model(model), out / "best_lora.safetensors",
+                                {"iteration": done, "holdout_reward": held, "mode": cfg.mode})
+            else:
+                stale += 1
+        if done % cfg.checkpoint_every == 0 or done == end:
+            if accelerator.is_main_process:
+                save_checkpoint(out / "checkpoints", done, trainable_state(model), optimizer,
+                                {"best": best, "stale": stale, "processes": world}, cfg.keep_checkpoints)
+        if cfg.patience and stale >= cfg.patience:
+            log.info("early stop at iteration %d: no better held-out reward in %d evaluations", done, stale)
+            break
+    bar.close()
+    metrics.close()
+    final = out / "lora.safetensors"
+    if (stop_after is None or stop_after >= cfg.iterations or stale >= cfg.patience > 0) and accelerator.is_main_process:
+        export_lora(accelerator.unwrap_model(model), final, {"mode": cfg.mode, "config": json.dumps(asdict(config))})
+        log.info("wrote %s and %s", final, out / "best_lora.safetensors")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _backward_synced(loss: torch.Tensor, model: torch.nn.Module, accelerator) -> None:
+    """Backward, then (with several processes) average the LoRA gradients across them."""
+    loss.backward()
+    if accelerator.num_processes > 1:
+        for p in trainable_state(model).values():
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, "mean")
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, reward, rows: torch.Tensor, cfg: GRPOSection, side: int, dtype: torch.dtype) -> float:
+    """Mean held-out reward (sigma 0) of SDE samples of the held-out prompts with eval_steps steps, fixed noise."""
+    g = torch.Generator().manual_seed(123_456)
+    x = torch.randn((len(rows), 16, side, side), generator=g).to(rows.device, dtype)
+    x0 = sde_sample(lambda z, s: policy.velocity(z, s, rows), x, flow_sigmas(cfg.eval_steps), cfg.noise_level, g)
+    return float(reward.score(x0, 0.0, policy.context[rows], policy.pooled[rows]).mean())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="TOML config (see training/configs/grpo_sd35m_512.toml)")
+    parser.add_argument("--mode", choices=["step", "terminal"], default=None, help="overrides grpo.mode")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = args.overrides + ([f'grpo.mode="{args.mode}"'] if args.mode else [])
+    train(load_config(TrainGRPOConfig, args.config, overrides), resume=args.resume)
+    return 0
