@@ -169,16 +169,20 @@ def load_mmdit(checkpoint: str | Path | Mapping[str, Tensor], dtype: torch.dtype
     return model.eval()
 
 
-def _assemble(config: DRMConfig, state: dict[str, Tensor], name: str, provenance: dict) -> DRM:
-    with torch.device("meta"):
-        drm = DRM(config, provenance)
-    expected = {k: tuple(v.shape) for k, v in drm.state_dict().items()}
+def check_state(module: torch.nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """Raise naming every missing, unexpected and mis-shaped tensor of `state` against `module`."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [(k, tuple(state[k].shape), v) for k, v in expected.items() if k in state and tuple(state[k].shape) != v]
     if missing or unexpected or wrong:
-        raise DRMError(f"{name}: tensors do not match the architecture {config.backbone}: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+        raise DRMError(f"{what}: missing {missing[:8]}, unexpected {unexpected[:8]}, wrong shapes {wrong[:8]}")
+
+
+def _assemble(config: DRMConfig, state: dict[str, Tensor], name: str, provenance: dict) -> DRM:
+    with torch.device("meta"):
+        drm = DRM(config, provenance)
+    check_state(drm, state, f"{name}: tensors do not match the architecture {config.backbone}")
     drm.load_state_dict(state, strict=True, assign=True)
     return drm.eval()
 

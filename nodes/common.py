@@ -45,9 +45,9 @@ def drm_conditioning(conditioning, drm: DRM, node: str) -> tuple[Tensor, Tensor]
     pooled = extras.get("pooled_output")
     if pooled is None:
         raise ValueError(f"{node}: the CONDITIONING has no 'pooled_output'. The DRM reads SD3 conditioning "
-                         f"(tokens [1, N, {b.context_dim}] plus a pooled [1, {b.pooled_dim}] vector): encode the prompt "
-                         "with CLIPTextEncode and an SD3 CLIP (TripleCLIPLoader: clip_l, clip_g, t5xxl), not a "
-                         "conditioning that was zeroed or built without pooled output")
+                         f"(tokens [1, N, {b.context_dim}] plus a pooled [1, {b.pooled_dim}] vector): encode the "
+                         "prompt with CLIPTextEncode and an SD3 CLIP (TripleCLIPLoader: clip_l, clip_g, t5xxl), not a "
+                         "conditioning that was built without pooled output")
     if not isinstance(context, Tensor) or context.ndim != 3 or context.shape[-1] != b.context_dim:
         got = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
         raise ValueError(f"{node}: the CONDITIONING tokens must be [B, N, {b.context_dim}] (SD3 CLIP-L+G+T5), "

@@ -50,7 +50,9 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
     check_model_matches(getattr(guider, "inner_model", None), unwrap_drm(drm, node, load=False), node)
     reward_model = unwrap_drm(drm, node)  # after the generator: both stay on the device
     batch = x.shape[0]
-    context_k, pooled_k = per_image(context, batch, k), per_image(pooled, batch, k)  # [B*k | 1, ...]
+    weight = next(reward_model.parameters())
+    context_k = per_image(context, batch, k).to(weight.device, weight.dtype)  # [B*k | 1, N, 4096]
+    pooled_k = per_image(pooled, batch, k).to(weight.device, weight.dtype)  # [B*k | 1, 2048]
     s_in = x.new_ones([batch])
 
     def velocity_fn(x_t, sigma):
@@ -98,8 +100,8 @@ def search_inputs() -> dict:
                       "tooltip": "Candidates per step. The DRM scores all k at once and keeps the best. k = 1 is "
                                  "plain SDE sampling (no DRM call). Cost grows with k (k = 4 about 2.7x)."}),
         "noise_level": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 2.0, "step": 0.05,
-                                  "tooltip": "SDE noise level a of the Flow-GRPO step: how far candidates spread. "
-                                             "0 makes all candidates identical (Euler ODE); 0.7 is the paper's value."}),
+                                  "tooltip": "SDE noise level a of the Flow-GRPO step: how far candidates spread. 0 "
+                                             "makes all candidates identical (Euler ODE); 0.7 is the paper's value."}),
         "branch_start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                    "tooltip": "Branch only from this fraction of the steps on (0 = first step)."}),
         "branch_end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ DRM_FILE = "drm_sd3.5_medium.safetensors"
 LORA_FILE = "drm_step_grpo_sd3.5_medium.safetensors"
 TOKENS = 154  # ComfyUI's SD3 prompt length for a short prompt (CLIP-L+G 77, T5 77)
 
-FIXTURE_PACK = '''"""Test fixtures for the DRM pack: stands in for SD3 text encoders (random CONDITIONING of the right shapes)."""
+FIXTURE_PACK = '''"""Test fixtures for the DRM pack: random SD3-shaped CONDITIONING in place of the text encoders."""
 import zlib
 
 import torch
@@ -49,7 +50,8 @@ class DRMTestConditioning:
 
     def encode(self, text):
         g = torch.Generator().manual_seed(zlib.crc32(text.encode()))
-        return ([[torch.randn(1, %(tokens)d, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]],)
+        tokens, pooled = torch.randn(1, %(tokens)d, 4096, generator=g), torch.randn(1, 2048, generator=g)
+        return ([[tokens, {"pooled_output": pooled}]],)
 
 
 NODE_CLASS_MAPPINGS = {"DRMTestConditioning": DRMTestConditioning}
@@ -66,6 +68,9 @@ def find_comfyui() -> tuple[Path | None, str]:
         return None, f"COMFYUI_PATH={env} is not a ComfyUI checkout (no main.py and comfy/)"
     parent = PACK_ROOT.parent
     if parent.name == "custom_nodes" and (parent.parent / "main.py").is_file():
+        if any(importlib.util.find_spec(name) is None for name in ("aiohttp", "torchsde", "safetensors")):
+            return None, (f"the pack is in {parent}, but this Python lacks ComfyUI's requirements: run pytest "
+                          "with ComfyUI's own Python to run the ComfyUI tests")
         return parent.parent, ""
     return None, ("ComfyUI not found: set COMFYUI_PATH to a ComfyUI checkout (and run with its Python) or install "
                   "the pack in ComfyUI/custom_nodes/ to run the ComfyUI tests")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 
 import pytest
 
@@ -109,9 +110,14 @@ def test_ui_workflow_matches_its_api_twin_and_lists_models(env, name):
     for file in ("sd3.5_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
                  "drm_sd3.5_medium.safetensors"):
         assert file in listed and listed[file]["directory"] and listed[file]["url"], file
+    uuid.UUID(ui["id"])  # the front end's schema wants a UUID (or no id)
+    assert ui["version"] == 0.4 and ui["last_link_id"] == max(link[0] for link in ui["links"])
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert ui["last_node_id"] == max(nodes)
+    for node in ui["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "properties"} <= node.keys(), node["id"]
     for link in ui["links"]:  # every link is mirrored in the nodes' input / output slots
         link_id, src, src_slot, dst, dst_slot, _ = link
-        nodes = {n["id"]: n for n in ui["nodes"]}
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
 
@@ -187,8 +193,9 @@ def test_lora_denoise_and_batch(env, torch, model, drm, prompts):
     """Works on a LoRA-patched model, img2img (denoise < 1) and batch > 1 with a per-image prompt batch."""
     lora_model = env.node("LoraLoaderModelOnly").load_lora_model_only(model, LORA_FILE, 1.0)[0]
     start = {"samples": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))}
-    cond2 = [[torch.cat([prompts[0][0][0], conditioning("b")[0][0]]),
-              {"pooled_output": torch.cat([prompts[0][0][1]["pooled_output"], conditioning("b")[0][1]["pooled_output"]])}]]
+    other = conditioning("b")
+    cond2 = [[torch.cat([prompts[0][0][0], other[0][0]]),
+              {"pooled_output": torch.cat([prompts[0][0][1]["pooled_output"], other[0][1]["pooled_output"]])}]]
     sampler = stepwise_sampler(env, drm, cond2, k=2)
     out = sample_custom(env, lora_model, sampler, (cond2, prompts[1]), start, steps=6, denoise=0.5)
     base = sample_custom(env, model, sampler, (cond2, prompts[1]), start, steps=6, denoise=0.5)
@@ -296,7 +303,8 @@ def test_drm_for_another_architecture_is_refused(env, torch, drm, prompts):
 
     net = MMDiT(patch_size=2, in_channels=16, out_channels=16, depth=1, adm_in_channels=32, pos_embed_max_size=16,
                 num_patches=256, operations=comfy.ops.disable_weight_init,
-                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 64}})
+                context_embedder_config={"target": "torch.nn.Linear",
+                                         "params": {"in_features": 64, "out_features": 64}})
     other = comfy.sd.load_diffusion_model_state_dict({k: torch.zeros_like(v) for k, v in net.state_dict().items()},
                                                      model_options={"dtype": torch.float32})
     small = [[torch.zeros(1, 8, 64), {"pooled_output": torch.zeros(1, 32)}]]

@@ -17,6 +17,7 @@ COMMANDS = {
     "export-lora": ("training.export_lora", "write a train-grpo checkpoint as a LoRA file for ComfyUI and diffusers"),
     "verify-lora": ("training.lora", "check that a LoRA file loads in ComfyUI: unloaded keys and effective scale"),
     "import-rm": ("training.import_rm", "turn a published latent reward model (DiNa-LRM, official DRM) into a DRM file"),
+    "bench": ("training.bench", "time step-wise guidance against its FLOP bound (writes bench.json)"),
     "demo": ("training.toy.demo", "run the toy world end to end (the README's main job)"),
 }
 

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from drm_core import DRM, DRMError, drm_from_base, save_drm
-from drm_core.checkpoint import TensorSource, read_backbone_config
+from drm_core.checkpoint import TensorSource, check_state, read_backbone_config
 
 log = logging.getLogger(__name__)
 
@@ -355,12 +355,7 @@ def _backbone_names(drm: DRM) -> list[str]:
 
 def _load_exact(module: torch.nn.Module, state: dict[str, Tensor], name: str, prefix: str) -> None:
     """load_state_dict that names every missing, unexpected and mis-shaped tensor."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [(k, tuple(state[k].shape), v) for k, v in expected.items() if k in state and tuple(state[k].shape) != v]
-    if missing or unexpected or wrong:
-        raise DRMError(f"{name}: head tensors ({prefix or 'as named in the file'}) do not match the architecture: "
-                       f"missing {missing[:8]}, unexpected {unexpected[:8]}, wrong shapes {wrong[:8]}")
+    check_state(module, state, f"{name}: head tensors ({prefix or 'as named in the file'}) do not match the "
+                               "architecture")
     dtype = next(module.parameters()).dtype
     module.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
