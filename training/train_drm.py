@@ -169,7 +169,7 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
                                 config.data, cfg.seed)
     model = build_model(config.model, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     start_step, best = 0, {}
     ckpt = resolve_resume(out / "checkpoints", resume)
     if ckpt is not None:

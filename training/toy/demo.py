@@ -9,6 +9,7 @@ preference pairs are written with the trainer's cache format, and `train-drm` tr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -49,14 +50,14 @@ class WorldSection:
 @dataclass
 class DRMSection:
     blocks: int = 3
-    steps: int = 800
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-4
     conv_channels: tuple[int, ...] = (32, 64, 64)
     groups: int = 8
     mlp_hidden: int = 64
     sigma_sampling: str = "uniform"
-    sigma_shift: float = 1.0
+    sigma_shift: float = 0.33  # < 1 puts more of the training pairs at low noise
     noise_draws: int = 4
 
 
@@ -67,6 +68,15 @@ class SamplingSection:
 
 
 @dataclass
+class GuidanceSection:
+    """Cheaper guidance (issue: cost of step-wise sampling), each measured at k = `k`."""
+
+    enabled: bool = True
+    k: int = 4
+    shallow_blocks: int = 2  # a DRM with fewer kept blocks, trained with the same budget (0: skip)
+
+
+@dataclass
 class DemoConfig:
     out: str = "demo_out"
     world: WorldSection = field(default_factory=WorldSection)
@@ -74,12 +84,13 @@ class DemoConfig:
     drm: DRMSection = field(default_factory=DRMSection)
     sampling: SamplingSection = field(default_factory=SamplingSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    guidance: GuidanceSection = field(default_factory=GuidanceSection)
 
 
 QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world.eval_pool=200",
          "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
          "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]", "grpo.seeds=[0]", "grpo.iterations=2",
-         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=4", "grpo.eval_steps=4"]
+         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=4", "grpo.eval_steps=4", "guidance.k=2"]
 
 
 def make_pairs(latents: torch.Tensor, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -109,6 +120,19 @@ def write_cache(root: Path, latents: torch.Tensor, prompts: torch.Tensor, text: 
     writer.finish(rows, text={"scheme": "toy-table", "tokens": 4}, extra={"prompts": [prompt_text(c) for c in
                                                                                      range(N_CLASSES)]})
     return PreferenceCache(root, in_memory=True)
+
+
+def drm_config(config: DemoConfig, work: Path, name: str, init: str, blocks: int) -> TrainDRMConfig:
+    """The trainer's own config for one toy DRM (the same `train-drm` code path as SD3.5-M)."""
+    d, w = config.drm, config.world
+    return TrainDRMConfig(
+        out=str(work / f"drm_{name}"),
+        model=ModelSection(init=init, base=str(work / "generator"), blocks=blocks, conv_channels=d.conv_channels,
+                           groups=d.groups, mlp_hidden=d.mlp_hidden, dropout=0.0),
+        data=DataSection(cache=str(work / "cache_train"), eval_fraction=0.0, in_memory=True),
+        train=TrainSection(steps=d.steps, batch_size=d.batch_size, lr=d.lr, sigma_sampling=d.sigma_sampling,
+                           sigma_shift=d.sigma_shift, seed=w.seed, eval_every=10**9,
+                           checkpoint_every=max(d.steps // 2, 1), keep_checkpoints=1, log_every=20))
 
 
 def sem(x: torch.Tensor) -> float:
@@ -164,22 +188,16 @@ def run_demo(config: DemoConfig) -> dict:
     sigmas = (0.0, 0.25, 0.5, 0.75)
     drms: dict[str, DRM] = {}
     accuracy: dict[str, dict[str, float]] = {}
-    for init in ("base", "random"):
-        log.info("3/7 training the DRM, %s init (%d steps)", "pretrained" if init == "base" else init, d.steps)
+    runs = [("base", "base", d.blocks), ("random", "random", d.blocks)]
+    if config.guidance.enabled and config.guidance.shallow_blocks:
+        runs.append(("shallow", "base", config.guidance.shallow_blocks))
+    for name, init, blocks in runs:
+        log.info("3/7 training the DRM: %s init, %d blocks (%d steps)", init, blocks, d.steps)
         tick = time.perf_counter()
-        cfg = TrainDRMConfig(
-            out=str(work / f"drm_{init}"),
-            model=ModelSection(init=init, base=str(work / "generator"), blocks=d.blocks,
-                               conv_channels=d.conv_channels, groups=d.groups, mlp_hidden=d.mlp_hidden, dropout=0.0),
-            data=DataSection(cache=str(work / "cache_train"), eval_fraction=0.0, in_memory=True),
-            train=TrainSection(steps=d.steps, batch_size=d.batch_size, lr=d.lr, sigma_sampling=d.sigma_sampling,
-                               sigma_shift=d.sigma_shift, seed=w.seed, eval_every=10**9,
-                               checkpoint_every=max(d.steps // 2, 1), keep_checkpoints=1, log_every=20),
-        )
-        drms[init] = load_drm(train(cfg))
-        acc = pairwise_accuracy(drms[init], eval_cache, sigmas, d.noise_draws)
-        accuracy[init] = {str(s): a for s, a in acc.items()}
-        timings[f"drm_{init}"] = time.perf_counter() - tick
+        drms[name] = load_drm(train(drm_config(config, work, name, init, blocks)))
+        acc = pairwise_accuracy(drms[name], eval_cache, sigmas, d.noise_draws)
+        accuracy[name] = {str(s): a for s, a in acc.items()}
+        timings[f"drm_{name}"] = time.perf_counter() - tick
 
     log.info("4/7 step-wise sampling, k in %s", list(config.sampling.ks))
     s = config.sampling
@@ -204,18 +222,26 @@ def run_demo(config: DemoConfig) -> dict:
         best[str(n)] = {**summary(batch, reward), "matched_k": k}
         batches[f"best-of-{n}"] = batch
 
+    guidance = {}
+    if config.guidance.enabled:
+        log.info("5b/7 cheaper guidance at k = %d", config.guidance.k)
+        guidance = guidance_options(config, generator, text, reward, drms, slots, start_noise)
+        guidance = {n: v for n, (_, v) in guidance.items()}
+        timings["guidance"] = sum(v["seconds"] for v in guidance.values())
+
     grpo = {}
     if config.grpo.enabled:
         log.info("6/7 GRPO vs Step-GRPO (%d iterations x %d seeds each)", config.grpo.iterations,
                  len(config.grpo.seeds))
         tick = time.perf_counter()
-        grpo = grpo_experiment(generator, drms["base"], text, reward, config.grpo)
+        grpo = grpo_experiment(generator, drms["base"], drms["random"], text, reward, config.grpo)
         timings["grpo"] = time.perf_counter() - tick
 
     metrics = {
         "seed": w.seed, "n_prompts": N_CLASSES, "n_samples": len(slots),
         "drm_accuracy": accuracy["base"], "drm_accuracy_random_init": accuracy["random"],
-        "stepwise": stepwise, "best_of_n": best, **grpo,
+        **({"drm_accuracy_shallow": accuracy["shallow"]} if "shallow" in accuracy else {}),
+        "stepwise": stepwise, "best_of_n": best, "guidance_options": guidance, **grpo,
         "label_agreement_with_ground_truth": label_agreement,
         "pool_gt_reward_mean": float(r_pool.mean()), "pool_gt_reward_std": float(r_pool.std()),
         "timings_seconds": {**timings, "total": time.perf_counter() - t0},
@@ -225,6 +251,34 @@ def run_demo(config: DemoConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(out, metrics, batches)
     return metrics
+
+
+def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward: GroundTruthReward,
+                     drms: dict[str, DRM], slots: torch.Tensor, start_noise: torch.Tensor) -> dict:
+    """Step-wise sampling at k with less work: branch on part of the trajectory, every 2nd step, a
+    shallower DRM, a bf16 DRM. Same start noise and seed as the k sweep."""
+    w, k = config.world, config.guidance.k
+    variants = {
+        "first half": dict(branch_range=(0.0, 0.5)),
+        "middle": dict(branch_range=(0.25, 0.75)),
+        "last half": dict(branch_range=(0.5, 1.0)),
+        "every 2nd step": dict(branch_every=2),
+        "first half, ODE elsewhere": dict(branch_range=(0.0, 0.5), plain_noise_level=0.0),
+        "first 30%": dict(branch_range=(0.0, 0.3)),
+    }
+    out = {}
+    for name, kwargs in variants.items():
+        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22, drm=drms["base"],
+                         k=k, **kwargs)
+        out[name] = (batch, {**summary(batch, reward), "k": k, "options": {a: list(b) if isinstance(b, tuple) else b
+                                                                         for a, b in kwargs.items()}})
+    if "shallow" in drms:
+        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22, drm=drms["shallow"], k=k)
+        out[f"{drms['shallow'].config.backbone.blocks}-block DRM"] = (batch, {**summary(batch, reward), "k": k})
+    bf16 = copy.deepcopy(drms["base"]).to(torch.bfloat16)
+    batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22, drm=bf16, k=k)
+    out["bf16 DRM"] = (batch, {**summary(batch, reward), "k": k})
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,11 +31,11 @@ class GRPOSection:
     eval_every: int = 5
     eval_samples: int = 200
     noise_level: float = 0.7
-    lr: float = 1e-3
+    lr: float = 3e-4
     lora_rank: int = 8
     lora_alpha: float = 16.0
     clip_range: float = 1e-4
-    kl_beta: float = 0.01
+    kl_beta: float = 0.1
     continue_with: str = "random"
 
 
@@ -47,9 +47,10 @@ def _reward(drm: DRM, text: ToyTextEncoder):
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, drm: DRM, text: ToyTextEncoder, reward: GroundTruthReward, cfg: GRPOSection,
-             seed: int) -> tuple[float, float]:
-    """Held-out ground-truth reward and DRM score of plain SDE samples (fixed noise, more steps)."""
+def evaluate(policy: Policy, drm: DRM, monitor: DRM, text: ToyTextEncoder, reward: GroundTruthReward,
+             cfg: GRPOSection, seed: int) -> tuple[float, float, float]:
+    """Ground-truth reward, training-DRM score and held-out monitor score (a second DRM the policy is not
+    trained on) of plain SDE samples of held-out noise with more steps."""
     rows = torch.arange(N_CLASSES).repeat(cfg.eval_samples // N_CLASSES)
     g = torch.Generator().manual_seed(10_000 + seed)
     x = torch.randn((len(rows), 16, 4, 4), generator=g)
@@ -57,12 +58,14 @@ def evaluate(policy: Policy, drm: DRM, text: ToyTextEncoder, reward: GroundTruth
                           flow_sigmas(cfg.eval_steps), k=1, noise_level=cfg.noise_level, generator=g)
     context, pooled = text(rows)
     gt = reward(decode_model_space(res.latent), rows).mean()
-    return float(gt), float(drm.score(res.latent, 0.0, context, pooled).mean())
+    return (float(gt), float(drm.score(res.latent, 0.0, context, pooled).mean()),
+            float(monitor.score(res.latent, 0.0, context, pooled).mean()))
 
 
-def run_grpo(mode: str, generator: SD3Transformer2DModel, drm: DRM, text: ToyTextEncoder,
+def run_grpo(mode: str, generator: SD3Transformer2DModel, drm: DRM, monitor: DRM, text: ToyTextEncoder,
              reward: GroundTruthReward, cfg: GRPOSection, seed: int) -> dict:
-    """One training run; curve rows are [iteration, train seconds, gt reward, drm score]."""
+    """One training run; curve rows are [iteration, train seconds, gt reward, drm score, monitor score].
+    The guard's pick is the evaluation with the best monitor score (what best_lora.safetensors holds)."""
     torch.manual_seed(seed)
     model = add_lora(copy.deepcopy(generator), cfg.lora_rank, cfg.lora_alpha)
     policy = Policy(model, text.context, text.pooled, cfg_scale=1.0)
@@ -71,7 +74,7 @@ def run_grpo(mode: str, generator: SD3Transformer2DModel, drm: DRM, text: ToyTex
     reward_fn = _reward(drm, text)
     sigmas = flow_sigmas(cfg.steps)
     g = torch.Generator().manual_seed(seed)
-    curve = [[0, 0.0, *evaluate(policy, drm, text, reward, cfg, seed)]]
+    curve = [[0, 0.0, *evaluate(policy, drm, monitor, text, reward, cfg, seed)]]
     seconds = 0.0
     for it in range(1, cfg.iterations + 1):
         tick = time.perf_counter()
@@ -91,28 +94,32 @@ def run_grpo(mode: str, generator: SD3Transformer2DModel, drm: DRM, text: ToyTex
         seconds += time.perf_counter() - tick
         if it % cfg.eval_every == 0 or it == cfg.iterations:
             model.eval()
-            gt, score = evaluate(policy, drm, text, reward, cfg, seed)
-            curve.append([it, seconds, gt, score])
+            gt, score, held = evaluate(policy, drm, monitor, text, reward, cfg, seed)
+            curve.append([it, seconds, gt, score, held])
             log.info("%s seed %d it %d: gt %.3f drm %.3f kl %.4f (%.1fs)", mode, seed, it, gt, score, stats.kl, seconds)
-    return {"curve": curve, "seconds": seconds}
+    picked = max(curve, key=lambda row: row[4])
+    return {"curve": curve, "seconds": seconds, "guard_pick": {"iteration": picked[0], "gt": picked[2]}}
 
 
-def grpo_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextEncoder, reward: GroundTruthReward,
-                    cfg: GRPOSection) -> dict:
+def grpo_experiment(generator: SD3Transformer2DModel, drm: DRM, monitor: DRM, text: ToyTextEncoder,
+                    reward: GroundTruthReward, cfg: GRPOSection) -> dict:
     """Both modes over all seeds; summary: steps and seconds for Step-GRPO to reach GRPO's best reward."""
     out: dict = {}
     for mode, key in (("terminal", "grpo"), ("step", "step_grpo")):
-        runs = [run_grpo(mode, generator, drm, text, reward, cfg, s) for s in cfg.seeds]
-        out[key] = {"runs": runs, "curve": _mean_curve(runs)}
-    out["summary"] = _speedup(out["grpo"]["curve"], out["step_grpo"]["curve"])
+        runs = [run_grpo(mode, generator, drm, monitor, text, reward, cfg, s) for s in cfg.seeds]
+        out[key] = {"runs": runs, "curve": _mean_curve(runs),
+                    "guard_pick_gt": sum(r["guard_pick"]["gt"] for r in runs) / len(runs)}
+    out["summary"] = {**_speedup(out["grpo"]["curve"], out["step_grpo"]["curve"]),
+                      "step_grpo_guard_pick_gt": out["step_grpo"]["guard_pick_gt"],
+                      "grpo_guard_pick_gt": out["grpo"]["guard_pick_gt"]}
     return out
 
 
 def _mean_curve(runs: list[dict]) -> list[list[float]]:
-    """Mean over seeds of [it, seconds, gt, drm] plus the gt standard error."""
+    """Mean over seeds of [it, seconds, gt, drm, monitor] plus the gt standard error."""
     rows = []
     for i in range(len(runs[0]["curve"])):
-        vals = torch.tensor([r["curve"][i] for r in runs])  # [S, 4]
+        vals = torch.tensor([r["curve"][i] for r in runs])  # [S, 5]
         se = float(vals[:, 2].std() / len(runs) ** 0.5) if len(runs) > 1 else 0.0
         rows.append([*vals.mean(0).tolist(), se])
     return rows

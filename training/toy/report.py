@@ -9,6 +9,20 @@ from .sampling import Batch
 from .world import as_numpy_grid, decode_model_space
 
 
+def cheap_default(m: dict) -> dict | None:
+    """The cheapest guidance option (k sweep or cheaper variants) keeping >= 80% of the k = 6 gain, if any."""
+    sw = m["stepwise"]
+    if "1" not in sw or "6" not in sw:
+        return None
+    base, full = sw["1"], sw["6"]["gt_reward_mean"] - sw["1"]["gt_reward_mean"]
+    options = {f"k = {k}": v for k, v in sw.items() if k != "1"}
+    options.update({f"k = {v['k']}, {n}": v for n, v in m.get("guidance_options", {}).items()})
+    rows = [{"name": n, "gain_fraction": (v["gt_reward_mean"] - base["gt_reward_mean"]) / full if full > 0 else
+             float("nan"), "time_ratio": v["seconds"] / base["seconds"], **v} for n, v in options.items()]
+    good = [r for r in rows if r["gain_fraction"] >= 0.8]
+    return min(good, key=lambda r: r["time_ratio"]) if good else None
+
+
 def claims(m: dict) -> list[tuple[str, bool, str]]:
     """(claim, reproduced?, evidence) for the paper's result shapes."""
     acc = m["drm_accuracy"]
@@ -26,6 +40,17 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
         se = math.hypot(sw["4"]["gt_reward_sem"], sw["1"]["gt_reward_sem"])
         out.append(("k = 4 beats plain sampling by at least 3 standard errors", gap >= 3 * se,
                     f"gap {gap:.3f}, standard error of the gap {se:.3f} ({gap / se:.1f} SE)"))
+    pick = cheap_default(m)
+    if pick is not None:
+        out.append(("a guidance setting keeps >= 80% of the k = 6 gain at <= 1.6x the time of plain sampling",
+                    pick["time_ratio"] <= 1.6,
+                    f"{pick['name']}: {pick['gain_fraction']:.0%} of the gain at {pick['time_ratio']:.2f}x"))
+        bon = m["best_of_n"]
+        if bon:
+            n, v = min(bon.items(), key=lambda kv: abs(kv[1]["seconds"] - pick["seconds"]))
+            out.append((f"that setting beats best-of-N at about equal wall time", pick["gt_reward_mean"] > v["gt_reward_mean"],
+                        f"{pick['gt_reward_mean']:.3f} in {pick['seconds']:.1f} s vs best-of-{n} "
+                        f"{v['gt_reward_mean']:.3f} in {v['seconds']:.1f} s"))
     if "summary" in m:
         g = m["summary"]
         it, sec = g["step_grpo_reaches_it_at_iteration"], g["step_grpo_reaches_it_at_seconds"]
@@ -35,9 +60,10 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
                     (f"GRPO best {g['grpo_best_gt']:.3f} at iteration {g['grpo_best_at_iteration']:.0f} "
                      f"({g['grpo_best_at_seconds']:.0f} s); Step-GRPO " +
                      (f"reaches it at iteration {it:.0f} ({sec:.0f} s)" if reached else "never reaches it"))))
-        out.append(("with the KL guard, Step-GRPO's final ground-truth reward stays at or above the untuned generator's",
-                    g["step_grpo_final_gt"] >= g["untuned_gt"],
-                    f"final {g['step_grpo_final_gt']:.3f} vs untuned {g['untuned_gt']:.3f}"))
+        out.append(("with the guard (KL + best checkpoint by a held-out DRM), Step-GRPO's ground-truth reward stays "
+                    "at or above the untuned generator's", g["step_grpo_guard_pick_gt"] >= g["untuned_gt"],
+                    f"guard's pick {g['step_grpo_guard_pick_gt']:.3f} vs untuned {g['untuned_gt']:.3f} "
+                    f"(last iteration {g['step_grpo_final_gt']:.3f})"))
     rnd = m["drm_accuracy_random_init"]
     out.append(("pretrained init beats random init at equal budget (Table 1; reported, not required)",
                 acc["0.0"] > rnd["0.0"], f"sigma 0: {acc['0.0']:.3f} vs {rnd['0.0']:.3f}"))
@@ -66,6 +92,17 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
     for n, v in sorted(m["best_of_n"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| best-of-{n} (DRM at sigma 0; compute of k = {v['matched_k']}) | "
                      f"{v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | {v['seconds']:.1f} |")
+    if m.get("guidance_options"):
+        base = m["stepwise"]["1"]
+        lines += ["", "## Cheaper guidance", "",
+                  "| setting | reward | seconds | time vs. plain |", "|---|---|---|---|"]
+        for name, v in m["guidance_options"].items():
+            lines.append(f"| k = {v['k']}, {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | "
+                         f"{v['seconds']:.1f} | {v['seconds'] / base['seconds']:.2f}x |")
+        pick = cheap_default(m)
+        lines += ["", f"Cheapest setting with at least 80% of the k = 6 gain: **{pick['name']}** "
+                      f"({pick['gain_fraction']:.0%} of the gain, {pick['time_ratio']:.2f}x the time of plain sampling)."
+                  if pick else "No setting keeps 80% of the k = 6 gain."]
     lines += ["", "Step-wise sampling and best-of-N spend the same kind of extra compute (DRM calls and, for "
               "best-of-N, whole extra generations); N is chosen so that the measured wall time matches k.", ""]
     if "summary" in m:
@@ -73,15 +110,17 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
         lines += ["## GRPO vs. Step-GRPO", "",
                   f"{len(cfg['seeds'])} seeds, {cfg['iterations']} iterations of {cfg['prompts_per_iteration']} prompts, "
                   f"group / k = {cfg['group']}, {cfg['steps']} sampling steps, LoRA r {cfg['lora_rank']}, "
-                  f"KL beta {cfg['kl_beta']}; evaluated on {cfg['eval_samples']} held-out samples with "
+                  f"KL beta {cfg['kl_beta']}, lr {cfg['lr']}; the guard keeps the evaluation with the best score from a second "
+                  f"DRM (the random-init one) that the policy is not trained on; evaluated on {cfg['eval_samples']} held-out samples with "
                   f"{cfg['eval_steps']} steps. Ground truth and DRM score side by side show reward hacking.", "",
-                  "| method | untuned GT | best GT (iteration) | final GT | final DRM score | train seconds |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | untuned GT | best GT (iteration) | last GT | GT of the guard's pick | last DRM score | "
+                  "train seconds |", "|---|---|---|---|---|---|---|"]
         for key, name in (("grpo", "GRPO (terminal DRM reward)"), ("step_grpo", "Step-GRPO (per-step DRM reward)")):
             c = m[key]["curve"]
             best = max(c, key=lambda r: r[2])
-            lines.append(f"| {name} | {c[0][2]:.3f} | {best[2]:.3f} +- {best[4]:.3f} ({best[0]:.0f}) | "
-                         f"{c[-1][2]:.3f} +- {c[-1][4]:.3f} | {c[-1][3]:.3f} | {c[-1][1]:.0f} |")
+            lines.append(f"| {name} | {c[0][2]:.3f} | {best[2]:.3f} +- {best[5]:.3f} ({best[0]:.0f}) | "
+                         f"{c[-1][2]:.3f} +- {c[-1][5]:.3f} | {m[key]['guard_pick_gt']:.3f} | {c[-1][3]:.3f} | "
+                         f"{c[-1][1]:.0f} |")
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     t = m["timings_seconds"]
@@ -116,7 +155,12 @@ def _plots(out: Path, m: dict, batches: dict[str, Batch]) -> list[Path]:
                        yerr=[v["gt_reward_sem"] for _, v in bo], marker="s", capsize=3, label="best-of-N")
         for n, v in bo:
             ax[1].annotate(f"N={n}", (v["seconds"], v["gt_reward_mean"]), textcoords="offset points", xytext=(4, 4))
-    ax[1].set(xlabel="wall time (s)", ylabel="ground-truth reward", title="Reward vs. compute")
+    for name, v in m.get("guidance_options", {}).items():
+        ax[1].errorbar([v["seconds"]], [v["gt_reward_mean"]], yerr=[v["gt_reward_sem"]], marker="^", capsize=2,
+                       linestyle="none", color="tab:green")
+        ax[1].annotate(name, (v["seconds"], v["gt_reward_mean"]), textcoords="offset points", xytext=(3, 3),
+                       fontsize=6, color="tab:green")
+    ax[1].set(xlabel="wall time (s)", ylabel="ground-truth reward", title="Reward vs. compute (green: cheaper guidance)")
     ax[1].legend()
     fig.tight_layout()
     paths.append(out / "accuracy_and_reward.png")
@@ -127,7 +171,7 @@ def _plots(out: Path, m: dict, batches: dict[str, Batch]) -> list[Path]:
         fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
         for key, name in (("grpo", "GRPO"), ("step_grpo", "Step-GRPO")):
             c = m[key]["curve"]
-            it, sec, gt, score, se = ([r[i] for r in c] for i in range(5))
+            it, sec, gt, score, held, se = ([r[i] for r in c] for i in range(6))
             ax[0].errorbar(it, gt, yerr=se, marker="o", capsize=2, label=name)
             ax[1].errorbar(sec, gt, yerr=se, marker="o", capsize=2, label=name)
             ax[2].plot(it, score, marker="o", label=name)

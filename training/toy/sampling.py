@@ -44,8 +44,10 @@ def reward_fn(drm: DRM, context: Tensor, pooled: Tensor, k: int):
 
 @torch.inference_mode()
 def generate(model: SD3Transformer2DModel, text: ToyTextEncoder, prompts: Tensor, noise: Tensor, steps: int,
-             noise_level: float, seed: int, drm: DRM | None = None, k: int = 1, chunk: int = 512) -> Batch:
-    """Step-wise sampling (plain SDE sampling when k = 1) of one image per prompt id, in chunks."""
+             noise_level: float, seed: int, drm: DRM | None = None, k: int = 1, chunk: int = 512,
+             **branching) -> Batch:
+    """Step-wise sampling (plain SDE sampling when k = 1) of one image per prompt id, in chunks;
+    `branching` goes to stepwise_sample (branch_range, branch_every, plain_noise_level)."""
     start = time.perf_counter()
     out = []
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +56,7 @@ def generate(model: SD3Transformer2DModel, text: ToyTextEncoder, prompts: Tensor
         context, pooled = text(p)
         scorer = reward_fn(drm, context, pooled, k) if drm is not None else (lambda c, s: torch.zeros(len(c)))
         res = stepwise_sample(velocity_fn(model, context, pooled), scorer, noise[lo:lo + chunk], flow_sigmas(steps),
-                              k=k if drm is not None else 1, noise_level=noise_level, generator=gen)
+                              k=k if drm is not None else 1, noise_level=noise_level, generator=gen, **branching)
         out.append(res.latent)
     return Batch(torch.cat(out), prompts, time.perf_counter() - start)
 
