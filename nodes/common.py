@@ -57,7 +57,20 @@ def drm_conditioning(conditioning, drm: DRM, node: str) -> tuple[Tensor, Tensor]
                          f"(SD3 CLIP-L+G pooled), got {tuple(pooled.shape)}")
     if len(conditioning) > 1:
         log.info("%s: CONDITIONING has %d entries; the DRM scores against the first one", node, len(conditioning))
+    warn_if_trained_on_other_padding(drm, context, node)
     return context, pooled
+
+
+def warn_if_trained_on_other_padding(drm: DRM, context: Tensor, node: str) -> None:
+    """Warn once per DRM when its training text encoding padded T5 differently from this CONDITIONING
+    (SD3's T5 runs without a mask, so the same prompt gives other embeddings at another length)."""
+    t5 = (drm.provenance.get("text_encoding") or {}).get("t5_max_length")
+    if not t5 or context.shape[1] == 77 + int(t5) or getattr(drm, "_padding_warned", False):
+        return
+    drm._padding_warned = True
+    log.warning("%s: this DRM was trained on prompts with T5 padded to %d tokens (%d in all); ComfyUI's CONDITIONING "
+                "has %d tokens, so its scores may be less reliable than on its training data", node, t5, 77 + int(t5),
+                context.shape[1])
 
 
 def per_image(tensor: Tensor, batch: int, repeats: int = 1) -> Tensor:

@@ -362,3 +362,36 @@ def test_server_runs_the_workflow(server, name):
     if name != "drm_stepwise_ksampler":
         assert any("DRM scores at sigma 0" in t for t in texts), texts
     assert "lora key not loaded" not in server.log()
+
+
+def test_exported_step_grpo_lora_matches_peft_in_comfyui(env, torch, caplog):
+    """A LoRA trained with PEFT and written by export_lora loads through the stock LoraLoaderModelOnly with no
+    unloaded key and gives the same MMDiT output as the in-memory PEFT model (ComfyUI applies alpha / rank)."""
+    import logging
+
+    import comfy.model_management
+
+    from training.lora import add_lora, export_lora
+
+    torch.manual_seed(3)
+    peft_model = add_lora(comfy_env.tiny_generator(), rank=4, alpha=8.0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    name = "exported_step_grpo_test.safetensors"
+    export_lora(peft_model, env.base / "models" / "loras" / name)
+    unet = env.node("UNETLoader").load_unet(CHECKPOINT, "default")[0]
+    with caplog.at_level(logging.WARNING):
+        patched = env.node("LoraLoaderModelOnly").load_lora_model_only(unet, name, 1.0)[0]
+        comfy.model_management.load_models_gpu([patched])
+    assert "lora key not loaded" not in caplog.text
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = conditioning("a lighthouse")
+    ctx, pooled = cond[0][0].expand(2, -1, -1), cond[0][1]["pooled_output"].expand(2, -1)
+    t = torch.tensor([250.0, 700.0])
+    with torch.no_grad():
+        got = patched.model.diffusion_model(x, t, context=ctx, y=pooled)
+        expected = peft_model(x, ctx, pooled, t).sample
+        plain = comfy_env.tiny_generator()(x, ctx, pooled, t).sample
+    assert (expected - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-5)

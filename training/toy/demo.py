@@ -255,29 +255,36 @@ def run_demo(config: DemoConfig) -> dict:
 
 def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward: GroundTruthReward,
                      drms: dict[str, DRM], slots: torch.Tensor, start_noise: torch.Tensor) -> dict:
-    """Step-wise sampling at k with less work: branch on part of the trajectory, every 2nd step, a
-    shallower DRM, a bf16 DRM. Same start noise and seed as the k sweep."""
+    """Step-wise sampling with less work: branch on part of the trajectory or every 2nd step, a shallower
+    DRM, a bf16 DRM, and combinations. Same start noise and seed as the k sweep."""
     w, k = config.world, config.guidance.k
-    variants = {
-        "first half": dict(branch_range=(0.0, 0.5)),
-        "middle": dict(branch_range=(0.25, 0.75)),
-        "last half": dict(branch_range=(0.5, 1.0)),
-        "every 2nd step": dict(branch_every=2),
-        "first half, ODE elsewhere": dict(branch_range=(0.0, 0.5), plain_noise_level=0.0),
-        "first 30%": dict(branch_range=(0.0, 0.3)),
-    }
-    out = {}
-    for name, kwargs in variants.items():
-        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22, drm=drms["base"],
-                         k=k, **kwargs)
-        out[name] = (batch, {**summary(batch, reward), "k": k, "options": {a: list(b) if isinstance(b, tuple) else b
-                                                                         for a, b in kwargs.items()}})
+    half_ode = dict(branch_range=(0.0, 0.5), plain_noise_level=0.0)
+    scorers = {"3-block": drms["base"], "3-block bf16": copy.deepcopy(drms["base"]).to(torch.bfloat16)}
     if "shallow" in drms:
-        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22, drm=drms["shallow"], k=k)
-        out[f"{drms['shallow'].config.backbone.blocks}-block DRM"] = (batch, {**summary(batch, reward), "k": k})
-    bf16 = copy.deepcopy(drms["base"]).to(torch.bfloat16)
-    batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22, drm=bf16, k=k)
-    out["bf16 DRM"] = (batch, {**summary(batch, reward), "k": k})
+        n = drms["shallow"].config.backbone.blocks
+        scorers[f"{n}-block"] = drms["shallow"]
+        scorers[f"{n}-block bf16"] = copy.deepcopy(drms["shallow"]).to(torch.bfloat16)
+    variants = [("first half", "3-block", k, dict(branch_range=(0.0, 0.5))),
+                ("middle", "3-block", k, dict(branch_range=(0.25, 0.75))),
+                ("last half", "3-block", k, dict(branch_range=(0.5, 1.0))),
+                ("first 30%", "3-block", k, dict(branch_range=(0.0, 0.3))),
+                ("every 2nd step", "3-block", k, dict(branch_every=2)),
+                ("first half, ODE elsewhere", "3-block", k, half_ode),
+                ("bf16 DRM", "3-block bf16", k, {})]
+    if "shallow" in drms:
+        n = drms["shallow"].config.backbone.blocks
+        variants += [(f"{n}-block DRM", f"{n}-block", k, {}),
+                     (f"{n}-block bf16 DRM", f"{n}-block bf16", k, {}),
+                     (f"{n}-block bf16 DRM", f"{n}-block bf16", 2, {}),
+                     (f"{n}-block bf16 DRM, every 2nd step", f"{n}-block bf16", k, dict(branch_every=2)),
+                     (f"{n}-block bf16 DRM, first half, ODE elsewhere", f"{n}-block bf16", k, half_ode)]
+    out = {}
+    for name, scorer, kk, kwargs in variants:
+        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22,
+                         drm=scorers[scorer], k=kk, **kwargs)
+        out[f"k = {kk}, {name}"] = (batch, {**summary(batch, reward), "k": kk, "drm": scorer,
+                                            "options": {a: list(b) if isinstance(b, tuple) else b
+                                                        for a, b in kwargs.items()}})
     return out
 
 

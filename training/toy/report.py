@@ -16,7 +16,7 @@ def cheap_default(m: dict) -> dict | None:
         return None
     base, full = sw["1"], sw["6"]["gt_reward_mean"] - sw["1"]["gt_reward_mean"]
     options = {f"k = {k}": v for k, v in sw.items() if k != "1"}
-    options.update({f"k = {v['k']}, {n}": v for n, v in m.get("guidance_options", {}).items()})
+    options.update(m.get("guidance_options", {}))
     rows = [{"name": n, "gain_fraction": (v["gt_reward_mean"] - base["gt_reward_mean"]) / full if full > 0 else
              float("nan"), "time_ratio": v["seconds"] / base["seconds"], **v} for n, v in options.items()]
     good = [r for r in rows if r["gain_fraction"] >= 0.8]
@@ -97,7 +97,7 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
         lines += ["", "## Cheaper guidance", "",
                   "| setting | reward | seconds | time vs. plain |", "|---|---|---|---|"]
         for name, v in m["guidance_options"].items():
-            lines.append(f"| k = {v['k']}, {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | "
+            lines.append(f"| {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | "
                          f"{v['seconds']:.1f} | {v['seconds'] / base['seconds']:.2f}x |")
         pick = cheap_default(m)
         lines += ["", f"Cheapest setting with at least 80% of the k = 6 gain: **{pick['name']}** "
