@@ -395,3 +395,19 @@ def test_exported_step_grpo_lora_matches_peft_in_comfyui(env, torch, caplog):
         plain = comfy_env.tiny_generator()(x, ctx, pooled, t).sample
     assert (expected - plain).abs().max() > 1e-3
     torch.testing.assert_close(got.float(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_warns_once_when_the_drm_was_trained_on_other_t5_padding(env, torch, caplog):
+    """An imported DiNa-LRM expects T5 padded to 256 (77 + 256 tokens); ComfyUI gives 154: warn once, still score."""
+    import logging
+
+    common = env.pack_module("nodes.common")
+    drm_core = env.pack_module("drm_core")
+    from tiny import TINY_HEAD
+
+    drm = drm_core.drm_from_base(comfy_env.tiny_generator().state_dict(), blocks=1, **TINY_HEAD)
+    drm.provenance["text_encoding"] = {"scheme": "diffusers-sd3", "t5_max_length": 256}
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            common.drm_conditioning(conditioning("a cat"), drm, "DRMScoreLatent")
+    assert caplog.text.count("T5 padded to 256") == 1

@@ -1,8 +1,4 @@
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +9,8 @@ from training.cache_format import CacheWriter, PreferenceCache
 from training.cli import main
 from training.config import load_config, to_toml
 from training.train_drm import TrainDRMConfig, train
+from multiproc import HAVE_TORCHRUN, torchrun
 from tiny import conditioning, tiny_transformer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +113,11 @@ def test_eval_command_prints_table_and_json(world, tmp_path, capsys):
     assert set(result["accuracy"]) == {"0.0", "0.25", "0.5", "0.75"} and result["pairs"] > 0
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.skipif(not HAVE_TORCHRUN, reason="torchrun not installed")
 def test_two_processes_match_one_process(world, tmp_path):
-    """torchrun starts 2 processes (accelerate launch --cpu starts one here, REFERENCE §4); same global batch."""
+    """2 processes with half the batch each see the same global batch as one process."""
     one = load_drm(train(config(world, tmp_path / "one", "model.dropout=0.0")))
-    cfg = config(world, tmp_path / "two", "model.dropout=0.0")
-    path = tmp_path / "two.toml"
-    path.write_text(to_toml(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m",
-                           "training", "train-drm", "--config", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun("train-drm", config(world, tmp_path / "two", "model.dropout=0.0"), tmp_path)
     two = load_drm(tmp_path / "two" / "drm.safetensors")
     assert two.provenance["processes"] == 2 and one.provenance["processes"] == 1
     assert two.provenance["eval_accuracy"] == one.provenance["eval_accuracy"]

@@ -9,6 +9,7 @@ from drm_core import drm_from_base, save_drm
 from training.config import load_config
 from training.lora import verify_lora
 from training.train_grpo import TrainGRPOConfig, read_prompt_file, train
+from multiproc import HAVE_TORCHRUN, torchrun
 from tiny import TINY_HEAD, conditioning, tiny_transformer
 
 
@@ -77,25 +78,10 @@ def test_export_lora_from_a_checkpoint(world, tmp_path):
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
 
 
+@pytest.mark.skipif(not HAVE_TORCHRUN, reason="torchrun not installed")
 def test_two_processes_run_step_grpo(world, tmp_path):
-    """torchrun starts 2 processes (accelerate launch --cpu starts one here, REFERENCE §4); LoRA grads are averaged."""
-    import os
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    from training.config import to_toml
-
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun not installed")
-    root = Path(__file__).resolve().parents[1]
-    cfg = config(world, tmp_path / "two", "grpo.iterations=2", "grpo.eval_every=2", "grpo.checkpoint_every=2")
-    path = tmp_path / "two.toml"
-    path.write_text(to_toml(cfg))
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", "29541", "-m",
-                           "training", "train-grpo", "--config", str(path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """Step-GRPO under torchrun: each process its own prompts and local groups, LoRA gradients averaged."""
+    torchrun("train-grpo", config(world, tmp_path / "two", "grpo.iterations=2", "grpo.eval_every=2",
+                                  "grpo.checkpoint_every=2"), tmp_path)
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-0000002" / "state.json").read_text())
     assert state["processes"] == 2 and (tmp_path / "two" / "lora.safetensors").is_file()
