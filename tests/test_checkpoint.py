@@ -163,3 +163,19 @@ def test_bad_score_inputs_are_named(tmp_path, latents, sigma, match):
         drm.score(latents, sigma, ctx, pooled)
     with pytest.raises(DRMError, match="pooled"):
         drm.score(torch.zeros(2, 16, 8, 8), 0.5, ctx, torch.zeros(2, 768))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    from tiny import tiny_transformer
+
+    drm = drm_from_base(tiny_transformer().state_dict(), blocks=3, **TINY_HEAD).train()
+    x, (ctx, pooled), sigma = torch.randn(2, 16, 8, 8), conditioning(2), torch.tensor([0.2, 0.7])
+    grads = []
+    for flag in (False, True):
+        drm.gradient_checkpointing = flag
+        drm.zero_grad()
+        drm(x, sigma, ctx, pooled).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in drm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
