@@ -145,6 +145,27 @@ class RewardHead(nn.Module):
         return self.mlp(h).squeeze(-1)  # [B]
 
 
+@dataclass
+class PromptEmbedding:
+    """A prompt as the DRM embeds it, computed once per sampling run and reused at every step and for every
+    candidate: context tokens after `context_embedder` [Bp, N, D] and the pooled projection [Bp, D]."""
+
+    context: Tensor
+    pooled: Tensor
+
+    def rows(self, batch: int) -> "PromptEmbedding":
+        """Rows for a batch of `batch` latents: Bp = 1 broadcasts; else each prompt row serves batch / Bp
+        consecutive latents (the k candidates of one image, image-major as stepwise_sample orders them)."""
+        n = self.context.shape[0]
+        if n == batch:
+            return self
+        if n == 1:
+            return PromptEmbedding(self.context.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+        if batch % n:
+            raise DRMError(f"DRM: {n} embedded prompts cannot serve a batch of {batch} latents")
+        return PromptEmbedding(self.context.repeat_interleave(batch // n, 0), self.pooled.repeat_interleave(batch // n, 0))
+
+
 class DRM(nn.Module):
     """Diffusion-based Reward Model: r(x_sigma, sigma, prompt) -> scalar, for model-space SD3 latents."""
 
@@ -187,14 +208,22 @@ class DRM(nn.Module):
         prefixes = (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.ff_context.")
         return {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
 
-    def run_backbone(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor,
+    def embed_prompt(self, context: Tensor, pooled: Tensor) -> PromptEmbedding:
+        """The prompt-only part of the forward pass (context_embedder, pooled projection), done once."""
+        param = next(self.parameters())
+        context, pooled = context.to(param.device, param.dtype), pooled.to(param.device, param.dtype)
+        return PromptEmbedding(self.context_embedder(context), self.time_text_embed.text_embedder(pooled))
+
+    def run_backbone(self, latents: Tensor, sigma: Tensor, context: Tensor | PromptEmbedding, pooled: Tensor | None,
                      taps: frozenset[int] = frozenset()) -> tuple[Tensor, Tensor, dict[int, tuple[Tensor, Tensor]]]:
-        """Embed and run the kept blocks. Returns the last image tokens [B, HW/p^2, D], the time+pooled
-        embedding temb [B, D], and {n: (image tokens, text tokens)} after block n (1-based; 0 = the
-        embedded inputs) for every n in `taps`."""
+        """Embed and run the kept blocks (`context` may be an already embedded PromptEmbedding). Returns the
+        last image tokens [B, HW/p^2, D], the time+pooled embedding temb [B, D], and {n: (image tokens,
+        text tokens)} after block n (1-based; 0 = the embedded inputs) for every n in `taps`."""
+        prompt = context if isinstance(context, PromptEmbedding) else self.embed_prompt(context, pooled)
         h = self.pos_embed(latents).contiguous()  # [B, HW/p^2, D]
-        temb = self.time_text_embed(sigma_to_timestep(sigma), pooled)  # [B, D]
-        c = self.context_embedder(context)  # [B, N, D]
+        t = self.time_text_embed.time_proj(sigma_to_timestep(sigma))  # as CombinedTimestepTextProjEmbeddings
+        temb = self.time_text_embed.timestep_embedder(t.to(prompt.pooled.dtype)) + prompt.pooled  # [B, D]
+        c = prompt.context  # [B, N, D]
         tapped = {0: (h, c)} if 0 in taps else {}
         for i, block in enumerate(self.transformer_blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -205,7 +234,8 @@ class DRM(nn.Module):
                 tapped[i + 1] = (h, c)
         return h, temb, tapped
 
-    def features(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+    def features(self, latents: Tensor, sigma: Tensor, context: Tensor | PromptEmbedding,
+                 pooled: Tensor | None) -> Tensor:
         """Kept MMDiT blocks + norm_out/proj_out + unpatchify: [B, 16, H, W] -> map [B, 16, H, W]."""
         if not self.config.uses_output_layer:
             raise DRMError(f"DRM.features: a '{self.config.head.kind}' head has no output-layer feature map")
@@ -217,7 +247,8 @@ class DRM(nn.Module):
         fmap = h.reshape(h.shape[0], gh, gw, p, p, b.out_channels)
         return torch.einsum("nhwpqc->nchpwq", fmap).reshape(h.shape[0], b.out_channels, gh * p, gw * p)
 
-    def forward(self, latents: Tensor, sigma: Tensor, context: Tensor, pooled: Tensor) -> Tensor:
+    def forward(self, latents: Tensor, sigma: Tensor, context: Tensor | PromptEmbedding,
+                pooled: Tensor | None = None) -> Tensor:
         """Scores [B] (float32) for model-space latents [B, 16, H, W] at noise level sigma [B] (no checks)."""
         if self.config.head.kind == "dina-lrm":
             head = self.config.head
@@ -233,9 +264,21 @@ class DRM(nn.Module):
         latents, sigma, context, pooled = self.prepare_inputs(latents, sigma, context, pooled)
         return self(latents, sigma, context, pooled)
 
+    def score_embedded(self, latents: Tensor, sigma: Tensor | float, prompt: PromptEmbedding) -> Tensor:
+        """`score` with the prompt embedded once by `embed_prompt` (rows broadcast or repeated per candidate)."""
+        latents, sigma = self._prepare_latents(latents, sigma)
+        return self(latents, sigma, prompt.rows(latents.shape[0]))
+
     def prepare_inputs(self, latents: Tensor, sigma: Tensor | float, context: Tensor,
                        pooled: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Check shapes against the architecture, broadcast batch-1 conditioning, move to device/dtype."""
+        b = self.config.backbone
+        latents, sigma = self._prepare_latents(latents, sigma)
+        context = _batched(context, latents.shape[0], 3, b.context_dim, "context [B, N, {}]")
+        pooled = _batched(pooled, latents.shape[0], 2, b.pooled_dim, "pooled [B, {}]")
+        return latents, sigma, context.to(latents.device, latents.dtype), pooled.to(latents.device, latents.dtype)
+
+    def _prepare_latents(self, latents: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
         b = self.config.backbone
         if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != b.in_channels:
             shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
@@ -249,11 +292,8 @@ class DRM(nn.Module):
             raise DRMError(f"DRM.score: latent size {height}x{width} must be divisible by patch size {p} and at "
                            f"most {m * p} per side (pos_embed_max_size {m})")
         sigma = batch_sigma(sigma, latents).flatten().expand(batch)
-        context = _batched(context, batch, 3, b.context_dim, "context [B, N, {}]")
-        pooled = _batched(pooled, batch, 2, b.pooled_dim, "pooled [B, {}]")
         param = next(self.parameters())
-        dev, dtype = param.device, param.dtype
-        return latents.to(dev, dtype), sigma.to(dev), context.to(dev, dtype), pooled.to(dev, dtype)
+        return latents.to(param.device, param.dtype), sigma.to(param.device)
 
 
 def _batched(t: Tensor, batch: int, ndim: int, dim: int, what: str) -> Tensor:

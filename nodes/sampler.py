@@ -50,9 +50,7 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
     check_model_matches(getattr(guider, "inner_model", None), unwrap_drm(drm, node, load=False), node)
     reward_model = unwrap_drm(drm, node)  # after the generator: both stay on the device
     batch = x.shape[0]
-    weight = next(reward_model.parameters())
-    context_k = per_image(context, batch, k).to(weight.device, weight.dtype)  # [B*k | 1, N, 4096]
-    pooled_k = per_image(pooled, batch, k).to(weight.device, weight.dtype)  # [B*k | 1, 2048]
+    prompt = reward_model.embed_prompt(per_image(context, batch), per_image(pooled, batch))  # once per run
     s_in = x.new_ones([batch])
 
     def velocity_fn(x_t, sigma):
@@ -63,7 +61,7 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
 
     def reward_fn(candidates, sigma):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        return reward_model.score(candidates, sigma, context_k, pooled_k).to(candidates.device)
+        return reward_model.score_embedded(candidates, sigma, prompt).to(candidates.device)
 
     with tqdm(total=len(sigmas) - 1, disable=disable) as bar:
         def on_step(i, x_next, denoised):

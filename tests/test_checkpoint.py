@@ -179,3 +179,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_prompt_embedded_once_scores_like_score(tmp_path):
+    """embed_prompt + score_embedded (the prompt work done once per run) equals score, per candidate row."""
+    from tiny import tiny_transformer
+
+    drm = drm_from_base(tiny_transformer().state_dict(), blocks=3, **TINY_HEAD)
+    ctx, pooled = conditioning(2)
+    x = torch.randn(6, 16, 8, 8)  # 2 images x k = 3 candidates, image-major
+    with torch.no_grad():
+        direct = drm.score(x, 0.4, ctx.repeat_interleave(3, 0), pooled.repeat_interleave(3, 0))
+        cached = drm.score_embedded(x, 0.4, drm.embed_prompt(ctx, pooled))
+        one = drm.score_embedded(x[:1], 0.4, drm.embed_prompt(ctx[:1], pooled[:1]))
+    torch.testing.assert_close(cached, direct, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(one, direct[:1], rtol=1e-6, atol=1e-6)
+    with pytest.raises(DRMError, match="cannot serve a batch of 5"):
+        drm.score_embedded(x[:5], 0.4, drm.embed_prompt(ctx, pooled))

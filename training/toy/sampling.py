@@ -37,9 +37,10 @@ def velocity_fn(model: SD3Transformer2DModel, context: Tensor, pooled: Tensor, c
 
 
 def reward_fn(drm: DRM, context: Tensor, pooled: Tensor, k: int):
-    """reward_fn(candidates [B*k, ...], sigma) scoring each image's k candidates with its own prompt."""
-    ctx, pool = context.repeat_interleave(k, 0), pooled.repeat_interleave(k, 0)
-    return lambda candidates, sigma: drm.score(candidates, sigma, ctx, pool)
+    """reward_fn(candidates [B*k, ...], sigma) scoring each image's k candidates with its own prompt,
+    embedded once for the whole run (not at every step for every candidate)."""
+    prompt = drm.embed_prompt(context, pooled)
+    return lambda candidates, sigma: drm.score_embedded(candidates, sigma, prompt)
 
 
 @torch.inference_mode()
