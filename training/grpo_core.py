@@ -59,6 +59,7 @@ class Transition:
     sigma: float
     sigma_next: float
     rows: Tensor
+    reward: Tensor | None = None  # raw scores [B, k] behind the advantages (step mode)
 
 
 @torch.no_grad()
@@ -80,7 +81,8 @@ def rollout_step_grpo(policy: Policy, reward_fn: RewardFn, x: Tensor, rows: Tens
         children = (parent.mean.unsqueeze(1) + parent.std.unsqueeze(1) * noise).to(x.dtype)  # [B, k, ...]
         log_prob = candidate_log_probs(children, parent.mean, parent.std)  # [B, k]
         scores = reward_fn(children.flatten(0, 1), torch.tensor(sigma_next), rows.repeat_interleave(k)).view(b, k)
-        transitions.append(Transition(x, children, log_prob, group_advantages(scores), sigma, sigma_next, rows))
+        transitions.append(Transition(x, children, log_prob, group_advantages(scores), sigma, sigma_next, rows,
+                                      scores))
         if continue_with == "argmax":
             pick = scores.argmax(1)
         else:

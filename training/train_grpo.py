@@ -188,8 +188,7 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
             x = torch.randn((len(rows), 16, latent_side, latent_side), generator=g).to(device, dtype)
             x0, transitions = rollout_step_grpo(policy, reward_fn, x, rows, sigmas, cfg.group, cfg.noise_level, g,
                                                 cfg.continue_with)
-            rewards = torch.cat([reward_fn(t.children.flatten(0, 1), torch.tensor(t.sigma_next),
-                                           t.rows.repeat_interleave(cfg.group)) for t in transitions[-1:]])
+            rewards = transitions[-1].reward.flatten()  # scores of the last scored step, already computed
         else:
             rows = rows.repeat_interleave(cfg.group)
             x = torch.randn((len(rows), 16, latent_side, latent_side), generator=g).to(device, dtype)
