@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from drm_core import DRMError, drm_from_base, load_drm, read_backbone_config, save_drm
 from drm_core.keys import to_stability
-from tiny import SD35_MEDIUM, TINY_HEAD, conditioning, tiny_transformer
+from tiny import TINY_HEAD, conditioning, tiny_transformer
+from training.bench import SD35_MEDIUM
 
 
 def write_layouts(tmp_path):

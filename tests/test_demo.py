@@ -15,6 +15,13 @@ def test_quick_demo_writes_report_metrics_and_plots(tmp_path, capsys):
     for v in metrics["stepwise"].values():
         assert {"gt_reward_mean", "gt_reward_sem", "seconds"} <= set(v)
     assert metrics["best_of_n"] and all("matched_k" in v for v in metrics["best_of_n"].values())
+    options = metrics["guidance_options"]
+    assert "plain SDE" in options and "plain ODE" in options and any(n.startswith("default") for n in options)
+    for v in options.values():
+        assert {"time_ratio", "flop_ratio", "gain_vs_sde", "gain_vs_ode", "gt_reward_mean"} <= set(v)
+    assert options["plain SDE"]["flop_ratio"] == 1.0 and options["plain SDE"]["time_ratio"] == 1.0
+    assert all(v["flop_ratio"] > 1.0 for n, v in options.items() if not n.startswith("plain"))
+    assert metrics["cfg_scale"] == 4.5
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "| claim | reproduced | evidence |" in report
     assert (out / "accuracy_and_reward.png").stat().st_size > 1000

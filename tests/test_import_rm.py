@@ -297,7 +297,7 @@ def test_header_without_kind_is_the_conv_head(tmp_path):
 def test_full_size_dina_lrm_shapes_without_allocating():
     from diffusers import SD3Transformer2DModel
 
-    from tiny import SD35_MEDIUM
+    from training.bench import SD35_MEDIUM
 
     with torch.device("meta"):
         sd = SD3Transformer2DModel(**SD35_MEDIUM).state_dict()

@@ -11,11 +11,6 @@ TINY_SD35 = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=4, att
                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=16,
                  dual_attention_layers=(0, 1), qk_norm="rms_norm")
 
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-
 TINY_HEAD = dict(conv_channels=(16, 16), groups=4, mlp_hidden=16, dropout=0.0)
 
 

@@ -13,19 +13,21 @@ import copy
 import json
 import logging
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from drm_core import DRM, load_drm
+from drm_core import DEFAULT_BRANCH_RANGE, DEFAULT_K, DEFAULT_PLAIN_NOISE_LEVEL, DRM, branch_mask, load_drm
 
+from ..bench import flops
 from ..cache_format import CacheWriter, PreferenceCache
 from ..config import load_config, save_resolved
 from ..evaluate import pairwise_accuracy
 from ..train_drm import DataSection, ModelSection, TrainDRMConfig, TrainSection, train
-from .generator import GeneratorConfig, train_generator
+from .generator import GeneratorConfig, train_generator, velocity
 from .grpo_demo import GRPOSection, grpo_experiment
 from .report import write_report
 from .sampling import Batch, best_of_n, generate
@@ -40,6 +42,7 @@ class WorldSection:
     seed: int = 0
     steps: int = 20  # sampling steps (SD3 shift 3 schedule)
     noise_level: float = 0.7  # SDE noise level for the pool, plain sampling and step-wise candidates
+    cfg_scale: float = 4.5  # CFG of every sampler after the pool (SD3.5's usual value; the nodes' default)
     pool: int = 5000  # generated images for the training pairs
     train_pairs: int = 10000
     eval_pool: int = 1000
@@ -72,8 +75,9 @@ class GuidanceSection:
     """Cheaper guidance (issue: cost of step-wise sampling), each measured at k = `k`."""
 
     enabled: bool = True
-    k: int = 4
-    shallow_blocks: int = 2  # a DRM with fewer kept blocks, trained with the same budget (0: skip)
+    k: int = DEFAULT_K
+    shallow_blocks: int = 1  # a DRM with fewer kept blocks, trained with the same budget (0: skip)
+    repeats: int = 3  # timing rounds; an option's time ratio is the median of its per-round ratios
 
 
 @dataclass
@@ -90,7 +94,8 @@ class DemoConfig:
 QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world.eval_pool=200",
          "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
          "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]", "grpo.seeds=[0]", "grpo.iterations=2",
-         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=4", "grpo.eval_steps=4", "guidance.k=2"]
+         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=4", "grpo.eval_steps=4", "guidance.k=2",
+         "guidance.repeats=1"]
 
 
 def make_pairs(latents: torch.Tensor, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -164,7 +169,8 @@ def run_demo(config: DemoConfig) -> dict:
     generator.save_pretrained(work / "generator")
     timings["generator"] = time.perf_counter() - tick
 
-    log.info("2/7 sampling the preference pool (%d + %d images)", w.pool, w.eval_pool)
+    log.info("2/7 sampling the preference pool without CFG, for a wide range of quality (%d + %d images)",
+             w.pool, w.eval_pool)
     tick = time.perf_counter()
     g = torch.Generator().manual_seed(w.seed + 11)
     prompts = torch.arange(N_CLASSES).repeat(math.ceil(w.pool / N_CLASSES))[: w.pool]
@@ -199,7 +205,7 @@ def run_demo(config: DemoConfig) -> dict:
         accuracy[name] = {str(s): a for s, a in acc.items()}
         timings[f"drm_{name}"] = time.perf_counter() - tick
 
-    log.info("4/7 step-wise sampling, k in %s", list(config.sampling.ks))
+    log.info("4/7 step-wise sampling at CFG %.1f, k in %s", w.cfg_scale, list(config.sampling.ks))
     s = config.sampling
     slots = torch.arange(N_CLASSES).repeat_interleave(s.samples_per_prompt)
     start_noise = torch.randn((len(slots), 16, 4, 4), generator=torch.Generator().manual_seed(w.seed + 21))
@@ -207,27 +213,31 @@ def run_demo(config: DemoConfig) -> dict:
     batches: dict[str, Batch] = {}
     for k in s.ks:
         batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22,
-                         drm=drms["base"] if k > 1 else None, k=k)
+                         drm=drms["base"] if k > 1 else None, k=k, cfg_scale=w.cfg_scale)
         stepwise[str(k)] = summary(batch, reward)
         batches[f"k={k}"] = batch
 
-    log.info("5/7 best-of-N at the compute of each k")
-    base_seconds = stepwise[str(s.ks[0])]["seconds"]
-    best: dict[str, dict] = {}
-    for k in s.ks[1:]:
-        n = max(2, round(stepwise[str(k)]["seconds"] / base_seconds))
-        if str(n) in best:
-            continue
-        batch = best_of_n(generator, text, drms["base"], slots, n, w.steps, w.noise_level, w.seed + 31)
-        best[str(n)] = {**summary(batch, reward), "matched_k": k}
-        batches[f"best-of-{n}"] = batch
-
     guidance = {}
     if config.guidance.enabled:
-        log.info("5b/7 cheaper guidance at k = %d", config.guidance.k)
-        guidance = guidance_options(config, generator, text, reward, drms, slots, start_noise)
-        guidance = {n: v for n, (_, v) in guidance.items()}
-        timings["guidance"] = sum(v["seconds"] for v in guidance.values())
+        log.info("5/7 cheaper guidance at k = %d (%d timing rounds)", config.guidance.k, config.guidance.repeats)
+        tick = time.perf_counter()
+        guidance, default_batch = guidance_options(config, generator, text, reward, drms, slots, start_noise,
+                                                   stepwise)
+        batches["default"] = default_batch
+        timings["guidance"] = time.perf_counter() - tick
+
+    log.info("5b/7 best-of-N (ODE samples) at the compute of each k and of the default")
+    base_seconds = stepwise[str(s.ks[0])]["seconds"]
+    matched = {str(k): stepwise[str(k)]["seconds"] / base_seconds for k in s.ks[1:]}
+    matched.update({"default": v["time_ratio"] for n, v in guidance.items() if n.startswith("default")})
+    best: dict[str, dict] = {}
+    for k, ratio in matched.items():
+        n = max(2, round(ratio))
+        if str(n) in best:
+            continue
+        batch = best_of_n(generator, text, drms["base"], slots, n, w.steps, 0.0, w.seed + 31, w.cfg_scale)
+        best[str(n)] = {**summary(batch, reward), "matched_k": k}
+        batches[f"best-of-{n}"] = batch
 
     grpo = {}
     if config.grpo.enabled:
@@ -241,7 +251,7 @@ def run_demo(config: DemoConfig) -> dict:
         "seed": w.seed, "n_prompts": N_CLASSES, "n_samples": len(slots),
         "drm_accuracy": accuracy["base"], "drm_accuracy_random_init": accuracy["random"],
         **({"drm_accuracy_shallow": accuracy["shallow"]} if "shallow" in accuracy else {}),
-        "stepwise": stepwise, "best_of_n": best, "guidance_options": guidance, **grpo,
+        "cfg_scale": w.cfg_scale, "stepwise": stepwise, "best_of_n": best, "guidance_options": guidance, **grpo,
         "label_agreement_with_ground_truth": label_agreement,
         "pool_gt_reward_mean": float(r_pool.mean()), "pool_gt_reward_std": float(r_pool.std()),
         "timings_seconds": {**timings, "total": time.perf_counter() - t0},
@@ -254,38 +264,64 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward: GroundTruthReward,
-                     drms: dict[str, DRM], slots: torch.Tensor, start_noise: torch.Tensor) -> dict:
-    """Step-wise sampling with less work: branch on part of the trajectory or every 2nd step, a shallower
-    DRM, a bf16 DRM, and combinations. Same start noise and seed as the k sweep."""
+                     drms: dict[str, DRM], slots: torch.Tensor, start_noise: torch.Tensor,
+                     stepwise: dict[str, dict]) -> tuple[dict, Batch]:
+    """Step-wise sampling with less work, each option next to plain sampling: branch on part of the trajectory
+    or every 2nd step, ODE steps outside the branch range, a shallower DRM, a bf16 DRM, and the default that
+    combines them. Same start noise and seed as the k sweep. An option's time is the median over `repeats`
+    interleaved rounds of its time / plain SDE time in that round; `flop_ratio` is the FLOP-model cost."""
     w, k = config.world, config.guidance.k
-    half_ode = dict(branch_range=(0.0, 0.5), plain_noise_level=0.0)
-    scorers = {"3-block": drms["base"], "3-block bf16": copy.deepcopy(drms["base"]).to(torch.bfloat16)}
-    if "shallow" in drms:
-        n = drms["shallow"].config.backbone.blocks
-        scorers[f"{n}-block"] = drms["shallow"]
-        scorers[f"{n}-block bf16"] = copy.deepcopy(drms["shallow"]).to(torch.bfloat16)
-    variants = [("first half", "3-block", k, dict(branch_range=(0.0, 0.5))),
-                ("middle", "3-block", k, dict(branch_range=(0.25, 0.75))),
-                ("last half", "3-block", k, dict(branch_range=(0.5, 1.0))),
-                ("first 30%", "3-block", k, dict(branch_range=(0.0, 0.3))),
-                ("every 2nd step", "3-block", k, dict(branch_every=2)),
-                ("first half, ODE elsewhere", "3-block", k, half_ode),
-                ("bf16 DRM", "3-block bf16", k, {})]
-    if "shallow" in drms:
-        n = drms["shallow"].config.backbone.blocks
-        variants += [(f"{n}-block DRM", f"{n}-block", k, {}),
-                     (f"{n}-block bf16 DRM", f"{n}-block bf16", k, {}),
-                     (f"{n}-block bf16 DRM", f"{n}-block bf16", 2, {}),
-                     (f"{n}-block bf16 DRM, every 2nd step", f"{n}-block bf16", k, dict(branch_every=2)),
-                     (f"{n}-block bf16 DRM, first half, ODE elsewhere", f"{n}-block bf16", k, half_ode)]
-    out = {}
-    for name, scorer, kk, kwargs in variants:
-        batch = generate(generator, text, slots, start_noise, w.steps, w.noise_level, w.seed + 22,
-                         drm=scorers[scorer], k=kk, **kwargs)
-        out[f"k = {kk}, {name}"] = (batch, {**summary(batch, reward), "k": kk, "drm": scorer,
-                                            "options": {a: list(b) if isinstance(b, tuple) else b
-                                                        for a, b in kwargs.items()}})
-    return out
+    default = dict(branch_range=DEFAULT_BRANCH_RANGE, plain_noise_level=DEFAULT_PLAIN_NOISE_LEVEL)
+    deep = drms["base"]
+    shallow = drms.get("shallow", deep)
+    scorers = {"deep": deep, "deep bf16": copy.deepcopy(deep).to(torch.bfloat16), "shallow": shallow,
+               "shallow bf16": copy.deepcopy(shallow).to(torch.bfloat16)}
+    n_deep, n_shallow = deep.config.backbone.blocks, shallow.config.backbone.blocks
+    variants = [("plain SDE", None, 1, {}),
+                ("plain ODE", None, 1, dict(noise_level=0.0)),
+                (f"k = {k}, first half", "deep", k, dict(branch_range=(0.0, 0.5))),
+                (f"k = {k}, every 2nd step", "deep", k, dict(branch_every=2)),
+                (f"k = {k}, first half, ODE after", "deep", k, default),
+                (f"k = {k}, bf16 DRM", "deep bf16", k, {}),
+                (f"k = {k}, {n_shallow}-block DRM", "shallow", k, {}),
+                (f"k = {k}, {n_deep}-block bf16 DRM, first half, ODE after", "deep bf16", k, default),
+                (f"default: k = {k}, {n_shallow}-block bf16 DRM, first half, ODE after", "shallow bf16", k, default)]
+    cost = _flop_model(generator, scorers, text, w.cfg_scale)
+    sde, full = stepwise["1"]["gt_reward_mean"], stepwise[str(max(stepwise, key=int))]["gt_reward_mean"]
+    seconds: dict[str, list[float]] = {name: [] for name, *_ in variants}
+    out, default_batch = {}, None
+    for round_ in range(max(config.guidance.repeats, 1)):
+        for name, scorer, kk, kwargs in variants:
+            kwargs = {"noise_level": w.noise_level, **kwargs}
+            batch = generate(generator, text, slots, start_noise, w.steps, kwargs.pop("noise_level"), w.seed + 22,
+                             drm=scorers[scorer] if scorer else None, k=kk, cfg_scale=w.cfg_scale, **kwargs)
+            seconds[name].append(batch.seconds)
+            if round_ == 0:  # the samples are the same in every round (same seeds); only the time varies
+                mask = branch_mask(w.steps, kwargs.get("branch_range", (0.0, 1.0)), kwargs.get("branch_every", 1))
+                branched = sum(mask[:-1]) if scorer else 0  # the last step (to sigma 0) never branches
+                out[name] = {**summary(batch, reward), "k": kk, "drm": scorer or "none",
+                             "options": {a: list(b) if isinstance(b, tuple) else b for a, b in kwargs.items()},
+                             "flop_ratio": 1 + branched * kk * cost[scorer] / w.steps if scorer else 1.0}
+                if name.startswith("default"):
+                    default_batch = batch
+    ode = out["plain ODE"]["gt_reward_mean"]
+    for name, v in out.items():
+        v["seconds"] = statistics.median(seconds[name])
+        v["time_ratio"] = statistics.median(a / b for a, b in zip(seconds[name], seconds["plain SDE"]))
+        v["gain_vs_sde"] = (v["gt_reward_mean"] - sde) / (full - sde) if full != sde else float("nan")
+        v["gain_vs_ode"] = (v["gt_reward_mean"] - ode) / (full - ode) if full != ode else float("nan")
+    return out, default_batch
+
+
+def _flop_model(generator, scorers: dict[str, DRM], text: ToyTextEncoder, cfg_scale: float) -> dict[str, float]:
+    """FLOPs of one DRM candidate score per FLOPs of one (CFG) generator step, per scorer (REFERENCE §1)."""
+    x, sigma = torch.zeros(1, 16, 4, 4), torch.tensor([0.5])
+    context, pooled = text(torch.tensor([0]))
+    calls = 2 if cfg_scale != 1.0 else 1
+    with torch.inference_mode():
+        f_gen = calls * flops(lambda: velocity(generator, x, sigma, context, pooled))
+        return {name: flops(lambda: drm.score(x.to(next(drm.parameters()).dtype), sigma, context, pooled)) / f_gen
+                for name, drm in scorers.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

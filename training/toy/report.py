@@ -9,18 +9,10 @@ from .sampling import Batch
 from .world import as_numpy_grid, decode_model_space
 
 
-def cheap_default(m: dict) -> dict | None:
-    """The cheapest guidance option (k sweep or cheaper variants) keeping >= 80% of the k = 6 gain, if any."""
-    sw = m["stepwise"]
-    if "1" not in sw or "6" not in sw:
-        return None
-    base, full = sw["1"], sw["6"]["gt_reward_mean"] - sw["1"]["gt_reward_mean"]
-    options = {f"k = {k}": v for k, v in sw.items() if k != "1"}
-    options.update(m.get("guidance_options", {}))
-    rows = [{"name": n, "gain_fraction": (v["gt_reward_mean"] - base["gt_reward_mean"]) / full if full > 0 else
-             float("nan"), "time_ratio": v["seconds"] / base["seconds"], **v} for n, v in options.items()]
-    good = [r for r in rows if r["gain_fraction"] >= 0.8]
-    return min(good, key=lambda r: r["time_ratio"]) if good else None
+def default_option(m: dict) -> tuple[str, dict] | None:
+    """The default guidance configuration's row of the cheaper-guidance table, if it was measured."""
+    rows = [(n, v) for n, v in m.get("guidance_options", {}).items() if n.startswith("default")]
+    return rows[0] if rows else None
 
 
 def claims(m: dict) -> list[tuple[str, bool, str]]:
@@ -40,17 +32,21 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
         se = math.hypot(sw["4"]["gt_reward_sem"], sw["1"]["gt_reward_sem"])
         out.append(("k = 4 beats plain sampling by at least 3 standard errors", gap >= 3 * se,
                     f"gap {gap:.3f}, standard error of the gap {se:.3f} ({gap / se:.1f} SE)"))
-    pick = cheap_default(m)
-    if pick is not None:
-        out.append(("a guidance setting keeps >= 80% of the k = 6 gain at <= 1.6x the time of plain sampling",
-                    pick["time_ratio"] <= 1.6,
-                    f"{pick['name']}: {pick['gain_fraction']:.0%} of the gain at {pick['time_ratio']:.2f}x"))
+    picked = default_option(m)
+    if picked is not None:
+        name, v = picked
+        out.append(("the default guidance keeps >= 80% of the k = 6 gain at <= 1.6x the time of plain sampling",
+                    v["gain_vs_sde"] >= 0.8 and v["time_ratio"] <= 1.6,
+                    f"{name}: {v['gain_vs_sde']:.0%} of the gain over plain SDE ({v['gain_vs_ode']:.0%} over plain "
+                    f"ODE) at {v['time_ratio']:.2f}x measured (FLOP model {v['flop_ratio']:.2f}x)"))
         bon = m["best_of_n"]
         if bon:
-            n, v = min(bon.items(), key=lambda kv: abs(kv[1]["seconds"] - pick["seconds"]))
-            out.append((f"that setting beats best-of-N at about equal wall time", pick["gt_reward_mean"] > v["gt_reward_mean"],
-                        f"{pick['gt_reward_mean']:.3f} in {pick['seconds']:.1f} s vs best-of-{n} "
-                        f"{v['gt_reward_mean']:.3f} in {v['seconds']:.1f} s"))
+            n, b = next(((n, b) for n, b in bon.items() if b["matched_k"] == "default"),
+                        min(bon.items(), key=lambda kv: abs(kv[1]["seconds"] - v["seconds"])))
+            out.append(("the default beats best-of-N at about equal or more wall time",
+                        v["gt_reward_mean"] > b["gt_reward_mean"],
+                        f"{v['gt_reward_mean']:.3f} at {v['time_ratio']:.2f}x vs best-of-{n} "
+                        f"{b['gt_reward_mean']:.3f} at {b['seconds'] / m['stepwise']['1']['seconds']:.2f}x"))
     if "summary" in m:
         g = m["summary"]
         it, sec = g["step_grpo_reaches_it_at_iteration"], g["step_grpo_reaches_it_at_seconds"]
@@ -90,21 +86,20 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
         name = "plain SDE (k = 1)" if k == "1" else f"step-wise k = {k}"
         lines.append(f"| {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | {v['seconds']:.1f} |")
     for n, v in sorted(m["best_of_n"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| best-of-{n} (DRM at sigma 0; compute of k = {v['matched_k']}) | "
+        lines.append(f"| best-of-{n} ODE samples (DRM at sigma 0; time of {v['matched_k']}) | "
                      f"{v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | {v['seconds']:.1f} |")
     if m.get("guidance_options"):
-        base = m["stepwise"]["1"]
-        lines += ["", "## Cheaper guidance", "",
-                  "| setting | reward | seconds | time vs. plain |", "|---|---|---|---|"]
+        lines += ["", f"## Cheaper guidance (CFG {m.get('cfg_scale', 1.0)}; time is the median ratio to plain SDE "
+                      "sampling over interleaved rounds)", "",
+                  "| setting | reward | gain vs. plain SDE | gain vs. plain ODE | time vs. plain | FLOP model |",
+                  "|---|---|---|---|---|---|"]
         for name, v in m["guidance_options"].items():
-            lines.append(f"| {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | "
-                         f"{v['seconds']:.1f} | {v['seconds'] / base['seconds']:.2f}x |")
-        pick = cheap_default(m)
-        lines += ["", f"Cheapest setting with at least 80% of the k = 6 gain: **{pick['name']}** "
-                      f"({pick['gain_fraction']:.0%} of the gain, {pick['time_ratio']:.2f}x the time of plain sampling)."
-                  if pick else "No setting keeps 80% of the k = 6 gain."]
+            lines.append(f"| {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | {v['gain_vs_sde']:.0%} | "
+                         f"{v['gain_vs_ode']:.0%} | {v['time_ratio']:.2f}x | {v['flop_ratio']:.2f}x |")
+        lines += ["", "Gains are fractions of the full-range k = 6 gain over the plain sampler named."]
     lines += ["", "Step-wise sampling and best-of-N spend the same kind of extra compute (DRM calls and, for "
-              "best-of-N, whole extra generations); N is chosen so that the measured wall time matches k.", ""]
+              "best-of-N, whole extra generations); N is the measured time ratio of k (or of the default) rounded, "
+              "at least 2. Best-of-N draws ODE samples, the stronger plain sampler here.", ""]
     if "summary" in m:
         cfg = m["config"]["grpo"]
         lines += ["## GRPO vs. Step-GRPO", "",
@@ -112,7 +107,8 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
                   f"group / k = {cfg['group']}, {cfg['steps']} sampling steps, LoRA r {cfg['lora_rank']}, "
                   f"KL beta {cfg['kl_beta']}, lr {cfg['lr']}; the guard keeps the evaluation with the best score from a second "
                   f"DRM (the random-init one) that the policy is not trained on; evaluated on {cfg['eval_samples']} held-out samples with "
-                  f"{cfg['eval_steps']} steps. Ground truth and DRM score side by side show reward hacking.", "",
+                  f"{cfg['eval_steps']} steps, without CFG (it would double the cost of every rollout). Ground truth "
+                  "and DRM score side by side show reward hacking.", "",
                   "| method | untuned GT | best GT (iteration) | last GT | GT of the guard's pick | last DRM score | "
                   "train seconds |", "|---|---|---|---|---|---|---|"]
         for key, name in (("grpo", "GRPO (terminal DRM reward)"), ("step_grpo", "Step-GRPO (per-step DRM reward)")):
@@ -145,27 +141,27 @@ def _plots(out: Path, m: dict, batches: dict[str, Batch]) -> list[Path]:
     ax[0].axhline(0.5, color="grey", lw=0.5)
     ax[0].legend()
     sw = sorted(m["stepwise"].items(), key=lambda kv: int(kv[0]))
-    ax[1].errorbar([v["seconds"] for _, v in sw], [v["gt_reward_mean"] for _, v in sw],
-                   yerr=[v["gt_reward_sem"] for _, v in sw], marker="o", capsize=3, label="step-wise (k)")
+    base = m["stepwise"]["1"]["seconds"]
+    ax[1].errorbar([v["seconds"] / base for _, v in sw], [v["gt_reward_mean"] for _, v in sw],
+                   yerr=[v["gt_reward_sem"] for _, v in sw], marker="o", capsize=3, label="step-wise, full range (k)")
     for k, v in sw:
-        ax[1].annotate(f"k={k}", (v["seconds"], v["gt_reward_mean"]), textcoords="offset points", xytext=(4, -10))
+        ax[1].annotate(f"k={k}", (v["seconds"] / base, v["gt_reward_mean"]), textcoords="offset points",
+                       xytext=(4, -10))
     bo = sorted(m["best_of_n"].items(), key=lambda kv: int(kv[0]))
     if bo:
-        ax[1].errorbar([v["seconds"] for _, v in bo], [v["gt_reward_mean"] for _, v in bo],
-                       yerr=[v["gt_reward_sem"] for _, v in bo], marker="s", capsize=3, label="best-of-N")
+        ax[1].errorbar([v["seconds"] / base for _, v in bo], [v["gt_reward_mean"] for _, v in bo],
+                       yerr=[v["gt_reward_sem"] for _, v in bo], marker="s", capsize=3, label="best-of-N (ODE)")
         for n, v in bo:
-            ax[1].annotate(f"N={n}", (v["seconds"], v["gt_reward_mean"]), textcoords="offset points", xytext=(4, 4))
-    for name, v in m.get("guidance_options", {}).items():
-        ax[1].errorbar([v["seconds"]], [v["gt_reward_mean"]], yerr=[v["gt_reward_sem"]], marker="^", capsize=2,
-                       linestyle="none", color="tab:green")
-        ax[1].annotate(name, (v["seconds"], v["gt_reward_mean"]), textcoords="offset points", xytext=(3, 3),
-                       fontsize=6, color="tab:green")
-    ax[1].set(xlabel="wall time (s)", ylabel="ground-truth reward", title="Reward vs. compute (green: cheaper guidance)")
+            ax[1].annotate(f"N={n}", (v["seconds"] / base, v["gt_reward_mean"]), textcoords="offset points",
+                           xytext=(4, 4))
+    ax[1].set(xlabel="time / plain SDE sampling", ylabel="ground-truth reward", title="Reward vs. compute")
     ax[1].legend()
     fig.tight_layout()
     paths.append(out / "accuracy_and_reward.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    if m.get("guidance_options"):
+        paths.append(_guidance_plot(plt, out, m))
 
     if "summary" in m:
         fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -195,3 +191,34 @@ def _plots(out: Path, m: dict, batches: dict[str, Batch]) -> list[Path]:
         Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
         paths.append(path)
     return paths
+
+
+def _guidance_plot(plt, out: Path, m: dict) -> Path:
+    """Ground-truth reward vs. time of every cheaper-guidance option, numbered, with the full-range k sweep and
+    best-of-N as reference lines."""
+    fig, ax = plt.subplots(figsize=(10, 5))
+    base = m["stepwise"]["1"]["seconds"]
+    sw = sorted(m["stepwise"].items(), key=lambda kv: int(kv[0]))
+    ax.plot([v["seconds"] / base for _, v in sw], [v["gt_reward_mean"] for _, v in sw], "o-", color="tab:blue",
+            label="step-wise, full range, k = " + ", ".join(k for k, _ in sw))
+    bo = sorted(m["best_of_n"].items(), key=lambda kv: int(kv[0]))
+    if bo:
+        ax.plot([v["seconds"] / base for _, v in bo], [v["gt_reward_mean"] for _, v in bo], "s-", color="tab:orange",
+                label="best-of-N (ODE), N = " + ", ".join(n for n, _ in bo))
+    for i, (name, v) in enumerate(m["guidance_options"].items(), 1):
+        default = name.startswith("default")
+        color = "tab:red" if default else "tab:green"
+        ax.errorbar([v["time_ratio"]], [v["gt_reward_mean"]], yerr=[v["gt_reward_sem"]], capsize=2, color=color,
+                    marker="*" if default else "^", markersize=12 if default else 6, linestyle="none",
+                    label=f"{i}: {name} ({v['time_ratio']:.2f}x, FLOP model {v['flop_ratio']:.2f}x)")
+        ax.annotate(str(i), (v["time_ratio"], v["gt_reward_mean"]), textcoords="offset points", xytext=(5, 3),
+                    color=color)
+    ax.axvline(1.6, color="grey", lw=0.5, ls="--")
+    ax.set(xlabel="time / plain SDE sampling (median over rounds)", ylabel="ground-truth reward",
+           title=f"Cheaper guidance at CFG {m.get('cfg_scale', 1.0)}: reward vs. time")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = out / "guidance_cost.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -12,7 +12,7 @@ from torch import Tensor
 from drm_core import DRM, flow_sigmas, stepwise_sample
 
 from .generator import velocity
-from .world import ToyTextEncoder
+from .world import NULL_PROMPT, ToyTextEncoder
 
 
 @dataclass
@@ -26,12 +26,15 @@ class Batch:
 
 def velocity_fn(model: SD3Transformer2DModel, context: Tensor, pooled: Tensor, cfg_scale: float = 1.0,
                 null: tuple[Tensor, Tensor] | None = None):
-    """velocity_fn(x, sigma) for drm_core, with classifier-free guidance when cfg_scale != 1."""
+    """velocity_fn(x, sigma) for drm_core; with cfg_scale != 1, classifier-free guidance from one batched call
+    on [null prompt, prompt] as ComfyUI does."""
+    if cfg_scale == 1.0 or null is None:
+        return lambda x, sigma: velocity(model, x, sigma, context, pooled)
+    both_context = torch.cat([null[0].expand_as(context), context])  # [2B, T, D]
+    both_pooled = torch.cat([null[1].expand_as(pooled), pooled])  # [2B, P]
+
     def fn(x: Tensor, sigma: Tensor) -> Tensor:
-        v = velocity(model, x, sigma, context, pooled)
-        if cfg_scale == 1.0 or null is None:
-            return v
-        v_null = velocity(model, x, sigma, null[0].expand_as(context), null[1].expand_as(pooled))
+        v_null, v = velocity(model, torch.cat([x, x]), sigma, both_context, both_pooled).chunk(2)
         return v_null + cfg_scale * (v - v_null)
     return fn
 
@@ -46,31 +49,33 @@ def reward_fn(drm: DRM, context: Tensor, pooled: Tensor, k: int):
 @torch.inference_mode()
 def generate(model: SD3Transformer2DModel, text: ToyTextEncoder, prompts: Tensor, noise: Tensor, steps: int,
              noise_level: float, seed: int, drm: DRM | None = None, k: int = 1, chunk: int = 512,
-             **branching) -> Batch:
-    """Step-wise sampling (plain SDE sampling when k = 1) of one image per prompt id, in chunks;
-    `branching` goes to stepwise_sample (branch_range, branch_every, plain_noise_level)."""
+             cfg_scale: float = 1.0, **branching) -> Batch:
+    """Step-wise sampling (plain sampling when k = 1: SDE, or ODE at noise_level 0) of one image per prompt id,
+    in chunks; `branching` goes to stepwise_sample (branch_range, branch_every, plain_noise_level)."""
     start = time.perf_counter()
     out = []
     gen = torch.Generator().manual_seed(seed)
+    null = text(torch.tensor([NULL_PROMPT]))
     for lo in range(0, len(prompts), chunk):
         p = prompts[lo:lo + chunk]
         context, pooled = text(p)
         scorer = reward_fn(drm, context, pooled, k) if drm is not None else (lambda c, s: torch.zeros(len(c)))
-        res = stepwise_sample(velocity_fn(model, context, pooled), scorer, noise[lo:lo + chunk], flow_sigmas(steps),
-                              k=k if drm is not None else 1, noise_level=noise_level, generator=gen, **branching)
+        res = stepwise_sample(velocity_fn(model, context, pooled, cfg_scale, null), scorer, noise[lo:lo + chunk],
+                              flow_sigmas(steps), k=k if drm is not None else 1, noise_level=noise_level,
+                              generator=gen, **branching)
         out.append(res.latent)
     return Batch(torch.cat(out), prompts, time.perf_counter() - start)
 
 
 @torch.inference_mode()
 def best_of_n(model: SD3Transformer2DModel, text: ToyTextEncoder, drm: DRM, prompts: Tensor, n: int, steps: int,
-              noise_level: float, seed: int) -> Batch:
-    """n plain SDE samples per prompt, scored once by the DRM at sigma = 0; keep the best."""
+              noise_level: float, seed: int, cfg_scale: float = 1.0) -> Batch:
+    """n plain samples per prompt (noise_level 0: ODE), scored once by the DRM at sigma = 0; keep the best."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     many = prompts.repeat_interleave(n)
     noise = torch.randn((len(many), 16, 4, 4), generator=g)
-    samples = generate(model, text, many, noise, steps, noise_level, seed + 1).latents
+    samples = generate(model, text, many, noise, steps, noise_level, seed + 1, cfg_scale=cfg_scale).latents
     context, pooled = text(many)
     scores = drm.score(samples, 0.0, context, pooled).view(len(prompts), n)
     best = samples.view(len(prompts), n, *samples.shape[1:])[torch.arange(len(prompts)), scores.argmax(1)]
