@@ -93,6 +93,16 @@ def test_every_node_has_a_description_and_tooltips(env, node_id):
     assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(cls.OUTPUT_TOOLTIPS)
 
 
+@pytest.mark.parametrize("node_id", ["DRMStepwiseSampler", "DRMStepwiseKSampler"])
+def test_search_widgets_default_to_the_measured_defaults(env, node_id):
+    from drm_core import DEFAULT_BRANCH_RANGE, DEFAULT_K, DEFAULT_PLAIN_NOISE_LEVEL
+
+    required = env.nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["required"]
+    assert required["k"][1]["default"] == DEFAULT_K
+    assert (required["branch_start"][1]["default"], required["branch_end"][1]["default"]) == DEFAULT_BRANCH_RANGE
+    assert required["outside_range"][1]["default"] == ("ode" if DEFAULT_PLAIN_NOISE_LEVEL == 0 else "sde")
+
+
 def test_drm_folder_is_registered(env):
     import folder_paths
 
