@@ -69,9 +69,14 @@ def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
     return (1 - sigma) * x0 + sigma * noise
 
 
-def batch_sigma(sigma: Tensor | float, x: Tensor, name: str = "sigma") -> Tensor:
-    """Validate sigma in [0, 1] and shape it [B, 1, ..., 1] (float32) to broadcast against x."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+def is_host_scalar(sigma: Tensor | float) -> bool:
+    """A Python number or a one-element CPU tensor: usable on any device without a transfer or a sync."""
+    return not isinstance(sigma, Tensor) or (sigma.device.type == "cpu" and sigma.numel() == 1)
+
+
+def batch_sigma(sigma: Tensor | float, x: Tensor, name: str = "sigma", device: torch.device | None = None) -> Tensor:
+    """Validate sigma in [0, 1] and shape it [B, 1, ..., 1] (float32, on `device`, default x's) against x."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device if device is None else device)
     if s.ndim > 1 or (s.ndim == 1 and s.shape[0] not in (1, x.shape[0])):
         raise DRMError(f"{name} must be a scalar or have shape [B]={x.shape[0]}, got {tuple(s.shape)}")
     if torch.isnan(s).any() or (s < 0).any() or (s > 1).any():

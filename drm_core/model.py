@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import DRMError
 from .heads_dina import DinaHeadConfig, DinaRewardHead
-from .latents import batch_sigma, sigma_to_timestep
+from .latents import batch_sigma, is_host_scalar, sigma_to_timestep
 
 
 @dataclass(frozen=True)
@@ -291,9 +291,12 @@ class DRM(nn.Module):
         if height % p or width % p or height // p > m or width // p > m:
             raise DRMError(f"DRM.score: latent size {height}x{width} must be divisible by patch size {p} and at "
                            f"most {m * p} per side (pos_embed_max_size {m})")
-        sigma = batch_sigma(sigma, latents).flatten().expand(batch)
         param = next(self.parameters())
-        return latents.to(param.device, param.dtype), sigma.to(param.device)
+        if is_host_scalar(sigma):  # checked on the host, filled on the device: no transfer, no sync
+            sigma = torch.full((batch,), float(batch_sigma(sigma, latents, device="cpu")), device=param.device)
+        else:
+            sigma = batch_sigma(sigma, latents).flatten().expand(batch).to(param.device)
+        return latents.to(param.device, param.dtype), sigma
 
 
 def _batched(t: Tensor, batch: int, ndim: int, dim: int, what: str) -> Tensor:

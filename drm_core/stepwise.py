@@ -105,7 +105,7 @@ def stepwise_sample(
         if sigma == sigma_next:
             continue
         v = velocity_fn(x, sigma)  # [B, C, H, W], one evaluation shared by all k candidates
-        denoised = x - sigma.to(x.device) * v
+        denoised = x - float(sigma) * v  # sigmas live on the host: a kernel argument, not a transfer
         record = StepRecord(i, float(sigma), float(sigma_next), branched=False)
         if sigma_next > 0 and k > 1 and branch_steps[i]:
             noise = torch.randn((batch, k, *x.shape[1:]), generator=generator,
@@ -126,7 +126,12 @@ def stepwise_sample(
         trace.append(record)
         if callback is not None:
             callback(i, x, denoised)
-    for record in trace:  # to the host once, after the loop: no device syncs between steps
+    return StepwiseResult(x, _to_host(trace))
+
+
+def _to_host(trace: list[StepRecord]) -> list[StepRecord]:
+    """The trace's tensors to the host once, after the loop: nothing waits for the device between steps."""
+    for record in trace:
         if record.branched:
             record.chosen, record.score, record.margin = (t.cpu() for t in (record.chosen, record.score, record.margin))
-    return StepwiseResult(x, trace)
+    return trace

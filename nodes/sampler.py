@@ -31,12 +31,18 @@ SDE_SEED_SALT = 0x5DEECE66D
 (ComfyUI draws the initial noise from torch.manual_seed(seed) on the CPU)."""
 
 
-def sde_generator(seed: int | None) -> torch.Generator | None:
-    """CPU generator for the SDE / candidate noise of one sampling run (None: unseeded, global RNG)."""
+def sde_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """Generator for the SDE / candidate noise of one sampling run, on the latent's device like ComfyUI's own
+    SDE samplers, so candidate noise is drawn where it is used (None: unseeded, global RNG)."""
     if seed is None:
         log.warning("DRM step-wise sampling: the sampler got no seed; candidate noise is not reproducible")
         return None
-    return torch.Generator("cpu").manual_seed((int(seed) ^ SDE_SEED_SALT) & SEED_MAX)
+    seed = (int(seed) ^ SDE_SEED_SALT) & SEED_MAX
+    try:
+        return torch.Generator(device).manual_seed(seed)
+    except RuntimeError:  # a backend without device generators: draw on the host and copy
+        log.info("DRM step-wise sampling: no torch.Generator on %s; candidate noise is drawn on the CPU", device)
+        return torch.Generator("cpu").manual_seed(seed)
 
 
 def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=None, *, drm, context, pooled, k,
@@ -52,12 +58,11 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
     reward_model = unwrap_drm(drm, node)  # after the generator: both stay on the device
     batch = x.shape[0]
     prompt = reward_model.embed_prompt(per_image(context, batch), per_image(pooled, batch))  # once per run
-    s_in = x.new_ones([batch])
 
-    def velocity_fn(x_t, sigma):
+    def velocity_fn(x_t, sigma):  # sigma: a host scalar, so filling it on the device is not a transfer
         comfy.model_management.throw_exception_if_processing_interrupted()
-        sigma = sigma.to(x_t.device, x_t.dtype)
-        denoised = model(x_t, sigma * s_in, **extra_args)
+        sigma = float(sigma.to(x_t.dtype))
+        denoised = model(x_t, x_t.new_full([batch], sigma), **extra_args)
         return (x_t - denoised) / sigma
 
     def reward_fn(candidates, sigma):
@@ -72,7 +77,7 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
 
         try:
             result = stepwise_sample(velocity_fn, reward_fn, x, sigmas, k, noise_level,
-                                     sde_generator(extra_args.get("seed")), branch_range=branch_range,
+                                     sde_generator(extra_args.get("seed"), x.device), branch_range=branch_range,
                                      branch_every=branch_every, plain_noise_level=plain_noise_level, callback=on_step)
         except DRMError as err:
             raise named(node, err) from err

@@ -112,3 +112,44 @@ def test_bad_k_is_named(k):
 def test_bad_schedule_is_named():
     with pytest.raises(DRMError, match="sigmas must lie"):
         stepwise_sample(lambda x, s: x, lambda c, s: c, torch.zeros(1, 16, 2, 2), torch.tensor([1.5, 0.0]), k=2)
+
+
+class _DeviceTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records copies between devices and host reads of non-CPU tensors (each a sync on an accelerator)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        out = func(*args, **kwargs)
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            devices = {t.device.type for t in tensors + outs}
+            if len(devices) > 1:
+                self.events.append(f"{func} between {sorted(devices)} of shape {tuple(tensors[-1].shape)}")
+        if func is torch.ops.aten._local_scalar_dense.default and tensors[0].device.type != "cpu":
+            self.events.append(f"host read of a {tensors[0].device.type} tensor")
+        return out
+
+
+@pytest.mark.parametrize("options", [{}, dict(branch_range=(0.0, 0.5), plain_noise_level=0.0)])
+def test_the_loop_neither_copies_between_host_and_device_nor_waits_for_the_device(monkeypatch, options):
+    # Latents on the meta device stand in for an accelerator: a host read of a meta tensor raises, and any
+    # copy between the host and the device is recorded. The trace goes to the host after the loop.
+    import drm_core.stepwise as stepwise
+
+    from drm_core import drm_from_base
+    from tiny import TINY_HEAD, conditioning, tiny_transformer
+
+    monkeypatch.setattr(stepwise, "_to_host", lambda trace: trace)
+    drm = drm_from_base(tiny_transformer().state_dict(), blocks=1, **TINY_HEAD).eval().to("meta")
+    context, pooled = (t.to("meta") for t in conditioning(2))
+    x = torch.empty(2, 16, 8, 8, device="meta")
+    with torch.inference_mode(), _DeviceTraffic() as traffic:
+        prompt = drm.embed_prompt(context, pooled)
+        res = stepwise_sample(lambda z, sigma: z * 0.5, lambda c, sigma: drm.score_embedded(c, sigma, prompt), x,
+                              flow_sigmas(6), k=4, noise_level=0.7, **options)
+    assert res.latent.device.type == "meta" and traffic.events == []
