@@ -27,3 +27,8 @@ def test_quick_demo_writes_report_metrics_and_plots(tmp_path, capsys):
     assert (out / "accuracy_and_reward.png").stat().st_size > 1000
     assert list(out.glob("samples_*.png"))
     assert str(out.resolve() / "report.md") in capsys.readouterr().out
+
+
+def test_demo_without_the_plain_baseline_is_refused_by_name(tmp_path, caplog):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--set", "sampling.ks=[2, 4]"]) != 0
+    assert "sampling.ks must hold 1" in caplog.text and not (tmp_path / "demo").exists()

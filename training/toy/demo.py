@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from drm_core import DEFAULT_BRANCH_RANGE, DEFAULT_K, DEFAULT_PLAIN_NOISE_LEVEL, DRM, branch_mask, load_drm
+from drm_core import DEFAULT_BRANCH_RANGE, DEFAULT_K, DEFAULT_PLAIN_NOISE_LEVEL, DRM, DRMError, branch_mask, load_drm
 
 from ..bench import flops
 from ..cache_format import CacheWriter, PreferenceCache
@@ -152,6 +152,10 @@ def summary(batch: Batch, reward: GroundTruthReward) -> dict:
 
 def run_demo(config: DemoConfig) -> dict:
     """All stages; returns metrics (also written to out/metrics.json with report.md and PNGs)."""
+    if 1 not in config.sampling.ks or len(config.sampling.ks) < 2:
+        raise DRMError(f"sampling.ks must hold 1 (plain sampling, the baseline of every comparison) and at least "
+                       f"one k > 1, got {list(config.sampling.ks)}")
+    config.sampling.ks = tuple(sorted(set(config.sampling.ks)))
     out = Path(config.out)
     work = out / "work"
     save_resolved(config, out)
@@ -287,7 +291,7 @@ def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward
                 (f"k = {k}, {n_deep}-block bf16 DRM, first half, ODE after", "deep bf16", k, default),
                 (f"default: k = {k}, {n_shallow}-block bf16 DRM, first half, ODE after", "shallow bf16", k, default)]
     cost = _flop_model(generator, scorers, text, w.cfg_scale)
-    sde, full = stepwise["1"]["gt_reward_mean"], stepwise[str(max(stepwise, key=int))]["gt_reward_mean"]
+    full = stepwise[str(max(stepwise, key=int))]["gt_reward_mean"]  # the largest k on every step
     seconds: dict[str, list[float]] = {name: [] for name, *_ in variants}
     out, default_batch = {}, None
     for round_ in range(max(config.guidance.repeats, 1)):
@@ -304,7 +308,7 @@ def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward
                              "flop_ratio": 1 + branched * kk * cost[scorer] / w.steps if scorer else 1.0}
                 if name.startswith("default"):
                     default_batch = batch
-    ode = out["plain ODE"]["gt_reward_mean"]
+    sde, ode = out["plain SDE"]["gt_reward_mean"], out["plain ODE"]["gt_reward_mean"]
     for name, v in out.items():
         v["seconds"] = statistics.median(seconds[name])
         v["time_ratio"] = statistics.median(a / b for a, b in zip(seconds[name], seconds["plain SDE"]))
