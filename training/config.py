@@ -7,12 +7,17 @@ field's type; the resolved config is written next to the outputs (`config.resolv
 from __future__ import annotations
 
 import dataclasses
-import tomllib
+import sys
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 from drm_core import DRMError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
 
 C = TypeVar("C")
 
