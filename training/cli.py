@@ -15,7 +15,7 @@ COMMANDS = {
     "eval-drm": ("training.evaluate", "pairwise accuracy of a DRM per noise level on a preference cache"),
     "train-grpo": ("training.train_grpo", "Step-GRPO (--mode step) or Flow-GRPO (--mode terminal) LoRA training"),
     "export-lora": ("training.export_lora", "write a train-grpo checkpoint as a LoRA file for ComfyUI and diffusers"),
-    "verify-lora": ("training.lora", "check that a LoRA file loads in ComfyUI: unloaded keys and effective scale"),
+    "verify-lora": ("training.lora", "check that a LoRA file loads in ComfyUI and diffusers: skipped keys and each loader's scale"),
     "import-rm": ("training.import_rm", "turn a published latent reward model (DiNa-LRM, official DRM) into a DRM file"),
     "bench": ("training.bench", "time step-wise guidance against its FLOP bound (writes bench.json)"),
     "demo": ("training.toy.demo", "run the toy world end to end (the README's main job)"),

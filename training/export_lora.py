@@ -9,7 +9,7 @@ from drm_core import DRMError, load_mmdit
 
 from .checkpointing import load_checkpoint, resolve_resume
 from .config import load_config
-from .lora import add_lora, export_lora, verify_lora
+from .lora import add_lora, describe_scales, export_lora, verify_lora
 from .train_grpo import TrainGRPOConfig
 
 
@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     model.load_state_dict(state["tensors"], strict=False)
     path = export_lora(model, args.out, {"checkpoint": str(ckpt)})
     check = verify_lora(path, config.policy.base)
-    print(f"wrote {path}: {check['modules']} modules, problems: {check['problems'] or 'none'}")
+    print(f"wrote {path}: {check['modules']} modules, {describe_scales(check)}, "
+          f"problems: {'; '.join(check['problems']) or 'none'}")
     return 0
 
 
