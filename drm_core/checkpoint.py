@@ -5,6 +5,11 @@ DRM built on the meta device, so a 2.5 B-parameter base never exists twice in me
 a single-file checkpoint (`model.diffusion_model.*`, Stability names, fused qkv, possibly with text
 encoders and VAE), a bare Stability-named MMDiT, a diffusers transformer folder (single or sharded
 safetensors, with config.json) or file, or an in-memory state dict (meta tensors allowed).
+
+A DRM file's `drm` header holds `format_version`, `backbone`, `head`, `latent`, `provenance`
+(free-form) and `scoring`: how to score clean latents, e.g. `{"sigma": 0.1, "sigma_table":
+{"kind": "flow-shift", "steps": 1000, "shift": 3.0}}` (drm_core/scoring.py). A file without
+`scoring` scores clean latents at sigma 0.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from .errors import DRMError
 from .keys import Layout, apply_transform, detect_layout, infer_backbone, stability_names
 from .latents import SD3_LATENT_CHANNELS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT
 from .model import DRM, DRMConfig, build_head, head_config
+from .scoring import ScoringConvention
 
 log = logging.getLogger(__name__)
 
@@ -179,22 +185,24 @@ def check_state(module: torch.nn.Module, state: Mapping[str, Tensor], what: str)
         raise DRMError(f"{what}: missing {missing[:8]}, unexpected {unexpected[:8]}, wrong shapes {wrong[:8]}")
 
 
-def _assemble(config: DRMConfig, state: dict[str, Tensor], name: str, provenance: dict) -> DRM:
+def _assemble(config: DRMConfig, state: dict[str, Tensor], name: str, provenance: dict,
+              scoring: ScoringConvention | None = None) -> DRM:
     with torch.device("meta"):
-        drm = DRM(config, provenance)
+        drm = DRM(config, provenance, scoring)
     check_state(drm, state, f"{name}: tensors do not match the architecture {config.backbone}")
     drm.load_state_dict(state, strict=True, assign=True)
     return drm.eval()
 
 
 def save_drm(drm: DRM, path: str | Path, metadata: Mapping | None = None) -> Path:
-    """Write a DRM checkpoint (one safetensors file, `drm` JSON metadata) atomically."""
+    """Write a DRM checkpoint (one safetensors file, `drm` JSON metadata) atomically; `metadata` adds to the
+    provenance, `drm.scoring` becomes the header's `scoring`."""
     path = Path(path)
     provenance = {**drm.provenance, **(metadata or {})}
     header = {"format_version": FORMAT_VERSION, **drm.config.to_dict(),
               "latent": {"space": "sd3-model", "channels": SD3_LATENT_CHANNELS, "shift": SD3_LATENT_SHIFT,
                          "scale": SD3_LATENT_SCALE},
-              "provenance": provenance}
+              "provenance": provenance, "scoring": drm.scoring.to_dict()}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in drm.state_dict().items()}
     atomic_save_file(tensors, path, {"drm": json.dumps(header)})
     return path
@@ -233,6 +241,10 @@ def read_drm_header(path: str | Path) -> dict:
     for key in ("backbone", "head"):
         if key not in header:
             raise DRMError(f"{path}: DRM metadata lacks '{key}'")
+    try:
+        ScoringConvention.from_dict(header.get("scoring"))
+    except DRMError as err:
+        raise DRMError(f"{path}: DRM metadata: {err}") from err
     return header
 
 
@@ -246,5 +258,6 @@ def load_drm(path: str | Path, device: torch.device | str | None = None, dtype: 
         raise DRMError(f"{path}: DRM metadata describes an invalid architecture ({err})") from err
     with _open(path) as f:
         state = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
-    drm = _assemble(config, state, str(path), header.get("provenance", {}))
+    drm = _assemble(config, state, str(path), header.get("provenance", {}),
+                    ScoringConvention.from_dict(header.get("scoring")))
     return drm.to(device=device or "cpu", dtype=dtype)

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from .errors import DRMError
 from .heads_dina import DinaHeadConfig, DinaRewardHead
 from .latents import batch_sigma, is_host_scalar, sigma_to_timestep
+from .scoring import ScoringConvention
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,12 @@ class PromptEmbedding:
 class DRM(nn.Module):
     """Diffusion-based Reward Model: r(x_sigma, sigma, prompt) -> scalar, for model-space SD3 latents."""
 
-    def __init__(self, config: DRMConfig, provenance: dict | None = None):
+    def __init__(self, config: DRMConfig, provenance: dict | None = None, scoring: ScoringConvention | None = None):
         super().__init__()
         b = config.backbone
         self.config = config
         self.provenance = dict(provenance or {})
+        self.scoring = scoring or ScoringConvention()  # how to score clean latents (header key `scoring`)
         self.pos_embed = PatchEmbed(height=b.pos_embed_max_size * b.patch_size, width=b.pos_embed_max_size * b.patch_size,
                                     patch_size=b.patch_size, in_channels=b.in_channels, embed_dim=b.hidden,
                                     pos_embed_max_size=b.pos_embed_max_size)

@@ -5,27 +5,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..drm_core import DRMError, add_noise, to_model_space
+from ..drm_core import DRM, DRMError, add_noise, to_model_space
 from .common import (CATEGORY, DRM_TYPE, SEED_MAX, check_drm_kind, check_latent, drm_conditioning, named, per_image,
                      unwrap_drm)
 
+AUTO_SIGMA = -1.0
 SCORE_INPUTS = {
     "sigma": ("FLOAT", {
-        "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-        "tooltip": "Noise level to score at (0 = the clean latent). Above 0 the latent is first noised with "
-                   "x = (1 - sigma) * latent + sigma * noise, as the DRM sees intermediate steps during sampling."}),
+        "default": AUTO_SIGMA, "min": AUTO_SIGMA, "max": 1.0, "step": 0.01,
+        "tooltip": "Noise level to score at. -1 = auto: the model's recommendation, stored in its file (0, the "
+                   "clean latent, for DRMs trained with train-drm; 0.1 on its timestep table, 0.100746, for "
+                   "DiNa-LRM). 0 = the clean latent. Above 0 the latent is first noised with "
+                   "x = (1 - sigma) * latent + sigma * noise, as the DRM sees intermediate steps during sampling. "
+                   "The summary says which sigma was used."}),
     "seed": ("INT", {
         "default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-        "tooltip": "Seed of the noise added when sigma > 0 (same seed, same scores). Unused at sigma = 0."}),
+        "tooltip": "Seed of the noise added when the sigma used is above 0 (same seed, same scores). Unused at "
+                   "sigma 0."}),
 }
 
 
+def scoring_sigma(drm: DRM, sigma: float) -> tuple[float, str]:
+    """(sigma to score at, where it came from): a negative widget value means the model's recommendation."""
+    if sigma >= 0:
+        return float(sigma), "as set"
+    convention = drm.scoring
+    used = convention.recommended_sigma
+    if used != convention.sigma:
+        return used, f"model's recommendation: {convention.sigma:g} on its timestep table"
+    return used, "model's recommendation"
+
+
 def score_latents(drm_patcher, raw: Tensor, conditioning, sigma: float, seed: int, node: str) -> tuple[list, str]:
-    """Scores of raw-VAE-space latents [B, 16, h, w] as (list of B floats, summary text)."""
+    """Scores of raw-VAE-space latents [B, 16, h, w] as (list of B floats, summary text); sigma < 0 = auto."""
     drm = unwrap_drm(drm_patcher, node)
     check_drm_kind(drm, node)
     check_latent(raw, drm, node)
     context, pooled = drm_conditioning(conditioning, drm, node)
+    sigma, source = scoring_sigma(drm, sigma)
     batch = raw.shape[0]
     x = to_model_space(raw.float())
     if sigma > 0:
@@ -35,20 +52,20 @@ def score_latents(drm_patcher, raw: Tensor, conditioning, sigma: float, seed: in
         scores = drm.score(x, sigma, per_image(context, batch), per_image(pooled, batch)).cpu().tolist()
     except DRMError as err:
         raise named(node, err) from err
-    return scores, summarize(scores, sigma)
+    return scores, summarize(scores, sigma, source)
 
 
-def summarize(scores: list[float], sigma: float) -> str:
+def summarize(scores: list[float], sigma: float, source: str) -> str:
     best = max(range(len(scores)), key=scores.__getitem__)
-    lines = [f"DRM scores at sigma {sigma:.3g} (higher is preferred), batch order:"]
+    lines = [f"DRM scores at sigma {sigma:.6g} ({source}), higher is preferred; batch order:"]
     lines += [f"  #{i}: {s:+.4f}{'  <- best' if i == best else ''}" for i, s in enumerate(scores)]
     return "\n".join(lines)
 
 
 class DRMScoreLatent:
     DESCRIPTION = ("Scores every latent of a batch with the DRM against a prompt: one reward per latent, in batch "
-                   "order (higher = more preferred). Works on clean latents (sigma 0) or at any noise level. "
-                   "No VAE decode needed.")
+                   "order (higher = more preferred). Works on clean latents or at any noise level; by default at "
+                   "the noise level the model's file recommends. No VAE decode needed.")
     CATEGORY = CATEGORY
     FUNCTION = "score"
     RETURN_TYPES = ("FLOAT", "STRING")

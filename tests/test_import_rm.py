@@ -12,19 +12,18 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from drm_core import DRMError, add_noise, drm_from_base, flow_sigmas, load_drm, save_drm, stepwise_sample
-from drm_core.heads_dina import DinaHeadConfig, DinaRewardHead
+from dina_fixture import write_tiny_dina
 from tiny import conditioning, tiny_transformer
 from training.cli import main as cli
 from training.import_rm import import_dina_lrm
 
-BLOCKS, TAPS, HEADS = 3, (1, 2, 3), 4  # tiny analogue of DiNa's 12 blocks tapped after 4, 8, 12
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+BLOCKS, TAPS, HEADS = 3, (1, 2, 3), 4  # tiny analogue of DiNa's 12 blocks tapped after 4, 8, 12 (dina_fixture)
 
 
 class TapBackbone(nn.Module):
@@ -89,34 +88,25 @@ def reference_dina_head(sd, temb, image, text, heads):
 
 @pytest.fixture(scope="module")
 def dina(tmp_path_factory):
-    """A DiNa-LRM-shaped download (config.json, checkpoint/backbone_lora, checkpoint/rm_head.pt) + its base."""
+    """A DiNa-LRM-shaped download (tests/dina_fixture.py) + its base; the reference backbone is PEFT's own
+    model with that download's LoRA loaded by PEFT (so the files are what PEFT reads)."""
     tmp = tmp_path_factory.mktemp("dina")
     model = tiny_transformer()
     model.save_pretrained(tmp / "sd35m")  # the user's base checkpoint (diffusers folder)
-    backbone = get_peft_model(TapBackbone(copy.deepcopy(model), BLOCKS, TAPS),
-                              LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian", target_modules=TARGETS))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in backbone.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero; a trained adapter is not
-                p.normal_(0, 0.05)
-    ckpt = tmp / "DiNa-LRM-tiny" / "checkpoint"
-    backbone.save_pretrained(ckpt / "backbone_lora")
-    head = DinaRewardHead(32, DinaHeadConfig(visual_taps=TAPS, text_taps=TAPS, attn_heads=HEADS))
-    with torch.no_grad():
-        for p in head.parameters():  # trained gates and FiLM are not at their zero init
-            p.add_(torch.randn_like(p) * 0.1)
-    head_sd = {k: v.clone() for k, v in head.state_dict().items()}
-    torch.save(head_sd, ckpt / "rm_head.pt")
-    (ckpt.parent / "config.json").write_text(json.dumps({"model": {
-        "num_transformer_layers": BLOCKS, "visual_head_idx": list(TAPS), "text_head_idx": list(TAPS),
-        "use_lora": True, "freeze_backbone": False, "lora_config": {"r": 4, "lora_alpha": 8},
-        "reward_head": {"use_proj_in": False, "width": -1, "out_dim": 1, "num_queries": 4, "num_attn_heads": HEADS,
-                        "dropout": 0.0}}}))
+    source = tmp / "DiNa-LRM-tiny"
+    write_tiny_dina(source, tmp / "sd35m")
+    settings = json.loads((source / "config.json").read_text())["model"]
+    assert (settings["num_transformer_layers"], tuple(settings["visual_head_idx"])) == (BLOCKS, TAPS)
+    assert settings["reward_head"]["num_attn_heads"] == HEADS
+    backbone = PeftModel.from_pretrained(TapBackbone(copy.deepcopy(model), BLOCKS, TAPS),
+                                         source / "checkpoint" / "backbone_lora")
+    lora_b = [p for n, p in backbone.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 3 * 8 + 2 * 4 and all(p.abs().sum() > 0 for p in lora_b)  # PEFT loaded every pair
+    head_sd = torch.load(source / "checkpoint" / "rm_head.pt", weights_only=True)
     out = tmp / "dina.safetensors"
-    assert cli(["import-rm", "--kind", "dina-lrm", str(ckpt.parent), "--base", str(tmp / "sd35m"),
+    assert cli(["import-rm", "--kind", "dina-lrm", str(source), "--base", str(tmp / "sd35m"),
                 "--out", str(out)]) == 0
-    return dict(tmp=tmp, base=tmp / "sd35m", source=ckpt.parent, backbone=backbone.eval(), head=head_sd, out=out)
+    return dict(tmp=tmp, base=tmp / "sd35m", source=source, backbone=backbone.eval(), head=head_sd, out=out)
 
 
 def dina_reference(dina, x, sigma, ctx, pooled):
@@ -156,7 +146,10 @@ def test_dina_metadata_roundtrip_stepwise_and_save_load(dina):
     prov = header["provenance"]
     assert (prov["text_encoding"]["scheme"], prov["text_encoding"]["t5_max_length"]) == ("diffusers-sd3", 256)
     assert prov["score"]["normalisation"] == "none" and prov["imported_from"]["lora"]["modules"] == 3 * 8 + 2 * 4
+    assert header["scoring"]["sigma"] == 0.1  # DiNa's recommendation, snapped to its timestep table when used
+    assert header["scoring"]["sigma_table"] == {"kind": "flow-shift", "steps": 1000, "shift": 3.0}
     drm = load_drm(dina["out"])
+    assert drm.scoring.recommended_sigma == pytest.approx(0.100746, abs=5e-7)
     ctx, pooled = conditioning(1, tokens=5)
     again = load_drm(save_drm(drm, dina["tmp"] / "again.safetensors"))
     x = torch.randn(2, 16, 8, 8)
@@ -221,6 +214,42 @@ def test_head_and_lora_mismatches_are_named(dina, tmp_path):
     with pytest.raises(DRMError, match=r"not in the backbone \['transformer_blocks.7.attn.to_q'\].*incomplete A/B "
                                        r"pairs \['transformer_blocks.1.attn.to_k'\]"):
         import_dina_lrm(source, dina["base"])
+
+
+def test_import_checks_inputs_before_reading_weights(dina, tmp_path, monkeypatch):
+    """Incomplete source, a base the LoRA does not fit, an unwritable --out: refused before any conversion."""
+    import training.import_rm as import_rm
+
+    converted, real = [], import_rm.convert
+    monkeypatch.setattr(import_rm, "convert", lambda *a, **k: converted.append(a) or real(*a, **k))
+
+    def run(source, base, out):
+        return cli(["import-rm", "--kind", "dina-lrm", str(source), "--base", str(base), "--out", str(out)])
+
+    partial = tmp_path / "partial"
+    (partial / "checkpoint" / "backbone_lora").mkdir(parents=True)
+    (partial / "config.json").write_text((dina["source"] / "config.json").read_text())
+    (partial / "checkpoint" / "rm_head.pt").symlink_to(dina["source"] / "checkpoint" / "rm_head.pt")
+    with pytest.raises(DRMError, match=r"partial: the DiNa-LRM download is incomplete: missing "
+                                       r"checkpoint/backbone_lora/adapter_config.json, "
+                                       r"checkpoint/backbone_lora/adapter_model.safetensors\. Download it again: "
+                                       r"hf download liuhuohuo/DiNa-LRM-SD35M-12layers"):
+        import_rm.check_complete(partial)
+    assert run(partial, dina["base"], tmp_path / "a.safetensors") == 2
+    other = tmp_path / "other_base"
+    tiny_transformer(attention_head_dim=8).save_pretrained(other)  # hidden 16, not the LoRA's 32
+    with pytest.raises(DRMError, match=r"LoRA shapes do not match the backbone.*Is other_base the SD3.5 Medium "
+                                       r"checkpoint DiNa-LRM-tiny's LoRA was trained on"):
+        import_rm.check_base(import_rm.check_complete(dina["source"]), other)
+    assert run(dina["source"], other, tmp_path / "b.safetensors") == 2
+    assert run(dina["source"], tmp_path / "no_such_base.safetensors", tmp_path / "c.safetensors") == 2
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DRMError, match="a_file is a file, not a folder"):
+        import_rm.check_out(tmp_path / "a_file" / "d.safetensors")
+    assert run(dina["source"], dina["base"], tmp_path / "a_file" / "d.safetensors") == 2
+    assert converted == []
+    assert run(dina["source"], dina["base"], tmp_path / "new" / "e.safetensors") == 0  # valid inputs do convert
+    assert len(converted) == 1 and (tmp_path / "new" / "e.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------- official DRM
