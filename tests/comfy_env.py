@@ -29,6 +29,7 @@ TINY_MMDIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=64, ca
                   dual_attention_layers=(0,))
 CHECKPOINT = "sd3.5_medium.safetensors"
 DRM_FILE = "drm_sd3.5_medium.safetensors"
+DINA_FOLDER = "DiNa-LRM-SD35M-12layers"  # a tiny DiNa-LRM download (tests/dina_fixture.py) in models/drm/
 LORA_FILE = "drm_step_grpo_sd3.5_medium.safetensors"
 TOKENS = 154  # ComfyUI's SD3 prompt length for a short prompt (CLIP-L+G 77, T5 77)
 
@@ -133,10 +134,12 @@ def tiny_generator():
 
 
 def write_models(models: Path) -> None:
-    """Tiny generator (Stability names), DRM, TAESD3 pair and a Step-GRPO-style LoRA under a models/ folder."""
+    """Tiny generator (Stability names), DRM, DiNa-LRM download (for that generator as its base), TAESD3 pair and
+    a Step-GRPO-style LoRA under a models/ folder."""
     import torch
     from safetensors.torch import save_file
 
+    from dina_fixture import write_tiny_dina
     from drm_core import drm_from_base, read_backbone_config, save_drm
     from drm_core.keys import to_stability
     from tiny import TINY_HEAD
@@ -149,6 +152,7 @@ def write_models(models: Path) -> None:
     save_file(to_stability(sd, full), models / "diffusion_models" / CHECKPOINT)
     torch.manual_seed(1)
     save_drm(drm_from_base(sd, blocks=1, **TINY_HEAD), models / "drm" / DRM_FILE, {"base_model": "tiny test MMDiT"})
+    write_tiny_dina(models / "drm" / DINA_FOLDER, models / "diffusion_models" / CHECKPOINT)
     from comfy.taesd.taesd import Decoder, Encoder
 
     g = torch.Generator().manual_seed(2)
@@ -179,11 +183,13 @@ def workflow_names() -> list[str]:
 
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MISSING = object()
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
 def ui_to_api(ui: dict, node_classes: dict) -> dict:
-    """Convert a UI-format workflow to API format as the front end does (widgets_values in input order)."""
+    """Convert a UI-format workflow to API format as the front end does (widgets_values in input order; a widget
+    the workflow has no value for, e.g. an input added after it was saved, takes its default)."""
     links = {link[0]: (str(link[1]), link[2]) for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
@@ -196,9 +202,11 @@ def ui_to_api(ui: dict, node_classes: dict) -> dict:
         for name, conf in [*spec.get("required", {}).items(), *spec.get("optional", {}).items()]:
             kind, opts = conf[0], (conf[1] if len(conf) > 1 else {})
             if (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput"):
-                value = next(values)
+                value = next(values, MISSING)
+                if value is MISSING:
+                    value = opts.get("default", kind[0] if isinstance(kind, list) and kind else None)
                 if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
-                    next(values)  # the "fixed" / "randomize" control widget
+                    next(values, None)  # the "fixed" / "randomize" control widget
                 inputs[name] = list(linked[name]) if name in linked else value
             elif name in linked:
                 inputs[name] = list(linked[name])

@@ -9,13 +9,14 @@ CONDITIONING of the right shapes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 
 import pytest
 
 import comfy_env
-from comfy_env import CHECKPOINT, DRM_FILE, LORA_FILE, conditioning
+from comfy_env import CHECKPOINT, DINA_FOLDER, DRM_FILE, LORA_FILE, conditioning
 
 COMFYUI, WHY = comfy_env.find_comfyui()
 pytestmark = pytest.mark.skipif(COMFYUI is None, reason=WHY)
@@ -113,13 +114,41 @@ def test_drm_folder_is_registered(env):
 
 @pytest.mark.parametrize("name", comfy_env.workflow_names())
 def test_ui_workflow_matches_its_api_twin_and_lists_models(env, name):
+    """The API twin is what the frontend queues (tests/test_frontend.py checks that in a browser); ComfyUI's
+    missing-models dialog can offer every models[] entry; the files it cannot offer are explained in the note."""
     ui, api = comfy_env.load_workflow(name)
-    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    assert comfy_env.ui_to_api(ui, env.nodes.NODE_CLASS_MAPPINGS) == expected
-    listed = {m["name"]: m for node in ui["nodes"] for m in node.get("properties", {}).get("models", [])}
-    for file in ("sd3.5_medium.safetensors", "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors",
-                 "drm_sd3.5_medium.safetensors"):
-        assert file in listed and listed[file]["directory"] and listed[file]["url"], file
+    classes = env.nodes.NODE_CLASS_MAPPINGS
+
+    def declared(kind):
+        spec = classes[kind].INPUT_TYPES()
+        return {*spec.get("required", {}), *spec.get("optional", {})}
+
+    # The frontend also sends its own display widgets (PreviewAny's "preview"), which the node does not declare.
+    expected = {k: {"class_type": v["class_type"], "inputs": {i: x for i, x in v["inputs"].items()
+                                                              if i in declared(v["class_type"])}}
+                for k, v in api.items()}
+    assert comfy_env.ui_to_api(ui, classes) == expected
+    listed = [m for node in ui["nodes"] for m in node.get("properties", {}).get("models", [])]
+    names = {m["name"] for m in listed}
+    assert {CHECKPOINT, "clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors"} <= names
+    sd35 = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/resolve/main/"
+    for m in listed:  # huggingface.co is an allowed source; the dialog keeps one entry per URL
+        assert m["directory"] in ("checkpoints", "text_encoders") and m["name"].endswith(".safetensors"), m
+        assert m["url"] == sd35 + ("text_encoders/" if m["directory"] == "text_encoders" else "") + m["name"], m
+    assert len({m["url"] for m in listed}) == len(listed)
+    note = next(n for n in ui["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+    loader = next(n for n in ui["nodes"] if n["type"] == "DRMLoader")
+    assert loader["widgets_values"] == [DINA_FOLDER, "auto", CHECKPOINT] and DINA_FOLDER not in names
+    for line in (f"`drm/{DINA_FOLDER}/`", f"https://huggingface.co/liuhuohuo/{DINA_FOLDER}",
+                 f"`hf download liuhuohuo/{DINA_FOLDER} --local-dir models/drm/{DINA_FOLDER}`"):
+        assert line in note, line
+    for node in ui["nodes"]:
+        if node["type"] == "LoraLoaderModelOnly":  # trained by the user: no download, the note says where from
+            assert node["widgets_values"][0] == LORA_FILE and LORA_FILE not in names
+            assert f"`loras/{LORA_FILE}`" in note and "train-grpo" in note and ".alpha" in note
+        if node["type"] in ("DRMScoreLatent", "DRMScoreImage"):
+            assert node["widgets_values"][0] == -1.0  # auto: the reward model's recommended sigma
+    assert 0.5 <= ui["extra"]["ds"]["scale"] <= 1.0  # opens zoomed to the whole graph (checked in a browser)
     uuid.UUID(ui["id"])  # the front end's schema wants a UUID (or no id)
     assert ui["version"] == 0.4 and ui["last_link_id"] == max(link[0] for link in ui["links"])
     nodes = {n["id"]: n for n in ui["nodes"]}
@@ -130,6 +159,7 @@ def test_ui_workflow_matches_its_api_twin_and_lists_models(env, name):
         link_id, src, src_slot, dst, dst_slot, _ = link
         assert link_id in nodes[src]["outputs"][src_slot]["links"]
         assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+    assert (comfy_env.WORKFLOWS / f"{name}.jpg").is_file()  # the template browser's card picture
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -280,6 +310,103 @@ def test_select_best_keeps_latent_image_and_mask_in_step(env, torch):
         env.node("DRMSelectBest").select([0.1, 0.2, 0.3], [latent], [1])
 
 
+# ---------------------------------------------------------------------------------- published reward models
+
+def test_loader_lists_drm_files_and_download_folders_only(env):
+    """The list is DRM .safetensors files and recognised download folders: no .pt, nothing from inside a folder,
+    no half-written temporary; `base` offers none + checkpoints + diffusion_models."""
+    import folder_paths
+
+    drm_dir = env.base / "models" / "drm"
+    strays = [drm_dir / "stray.pt", drm_dir / ".drm_sd3.5_medium.safetensors.x1.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"")
+    try:
+        spec = env.nodes.NODE_CLASS_MAPPINGS["DRMLoader"].INPUT_TYPES()
+    finally:
+        for stray in strays:
+            stray.unlink()
+    entries = spec["required"]["drm_name"][0]
+    assert DRM_FILE in entries and DINA_FOLDER in entries
+    assert [e for e in entries if not e.endswith(".safetensors")] == [DINA_FOLDER]
+    assert not [e for e in entries if e.startswith(DINA_FOLDER + os.sep) or e.startswith(".")]
+    assert any(f.endswith("rm_head.pt") for f in folder_paths.get_filename_list("drm"))  # ComfyUI's own list would
+    choices, options = spec["optional"]["base"]
+    assert options["default"] == "none" and choices[0] == "none" and CHECKPOINT in choices
+    assert "ignores this input" in options["tooltip"]
+
+
+def test_download_folder_loads_on_a_base_converts_once_and_guides_sampling(env, torch, model, prompts, monkeypatch):
+    published = env.pack_module("drm_core.published")
+    folder = env.base / "models" / "drm" / DINA_FOLDER
+    cached = folder / "converted" / "sd3.5_medium.drm.safetensors"
+    shutil.rmtree(folder / "converted", ignore_errors=True)
+    calls, real = [], published.convert
+    monkeypatch.setattr(published, "convert", lambda *a, **k: calls.append(a) or real(*a, **k))
+    loader = env.node("DRMLoader")
+    with pytest.raises(ValueError, match=rf"^DRMLoader: {DINA_FOLDER} holds only a LoRA and a head; choose your "
+                                         r"SD3.5 Medium checkpoint in `base`$"):
+        loader.load(DINA_FOLDER, "fp32")
+    first = loader.load(DINA_FOLDER, "fp32", CHECKPOINT)[0]
+    assert len(calls) == 1 and cached.is_file()
+    mtime = cached.stat().st_mtime_ns
+    second = loader.load(DINA_FOLDER, "fp32", CHECKPOINT)[0]
+    assert len(calls) == 1 and cached.stat().st_mtime_ns == mtime  # the second load read the cached file
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]
+    assert second.model.config.head.kind == "dina-lrm" and second.model.provenance["converted_from"]["base"]["name"] \
+        == CHECKPOINT
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    ctx, pooled = prompts[0][0][0], prompts[0][0][1]["pooled_output"]
+    torch.testing.assert_close(second.model.score(x, 0.5, ctx, pooled), first.model.score(x, 0.5, ctx, pooled),
+                               rtol=0, atol=0)
+    latent = empty_latent(env)
+    guided = sample_custom(env, model, stepwise_sampler(env, second, prompts[0], k=3, end=1.0), prompts, latent)
+    plain = sample_custom(env, model, stepwise_sampler(env, second, prompts[0], k=1), prompts, latent)
+    assert guided.shape == (1, 16, 8, 8) and torch.isfinite(guided).all()
+    assert not torch.allclose(guided, plain)  # the DiNa-LRM's choices changed the path
+
+
+def test_incomplete_download_names_the_missing_file(env):
+    folder = env.base / "models" / "drm" / "DiNa-LRM-incomplete"
+    shutil.copytree(env.base / "models" / "drm" / DINA_FOLDER, folder, ignore=shutil.ignore_patterns("converted"))
+    (folder / "checkpoint" / "rm_head.pt").unlink()
+    try:
+        assert "DiNa-LRM-incomplete" in env.nodes.NODE_CLASS_MAPPINGS["DRMLoader"].INPUT_TYPES()["required"][
+            "drm_name"][0]  # listed, so that choosing it says what is missing
+        with pytest.raises(ValueError, match=r"DRMLoader: .*DiNa-LRM-incomplete: the DiNa-LRM download is incomplete: "
+                                             r"missing checkpoint/rm_head.pt\. Download it again: hf download "
+                                             r"liuhuohuo/DiNa-LRM-SD35M-12layers"):
+            env.node("DRMLoader").load("DiNa-LRM-incomplete", "auto", CHECKPOINT)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_auto_sigma_is_the_models_recommendation_and_is_reported(env, torch, drm, prompts):
+    from drm_core import SigmaTable, add_noise, load_drm, to_model_space
+
+    node = env.node("DRMScoreLatent")
+    sigma_spec = node.INPUT_TYPES()["required"]["sigma"][1]
+    assert sigma_spec["default"] == -1.0 and sigma_spec["min"] == -1.0 and "auto" in sigma_spec["tooltip"]
+    raw = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(6))
+    auto, summary = node.score(drm, {"samples": raw}, prompts[0], -1.0, 5)
+    assert auto == node.score(drm, {"samples": raw}, prompts[0], 0.0, 5)[0]  # a trained DRM recommends clean
+    assert summary.startswith("DRM scores at sigma 0 (model's recommendation), higher is preferred")
+    assert node.score(drm, {"samples": raw}, prompts[0], 0.25, 5)[1].startswith("DRM scores at sigma 0.25 (as set)")
+    dina = env.node("DRMLoader").load(DINA_FOLDER, "fp32", CHECKPOINT)[0]
+    scores, summary = node.score(dina, {"samples": raw}, prompts[0], -1.0, 5)
+    assert summary.startswith("DRM scores at sigma 0.100746 (model's recommendation: 0.1 on its timestep table)")
+    reference = load_drm(env.base / "models" / "drm" / DINA_FOLDER / "converted" / "sd3.5_medium.drm.safetensors")
+    sigma = SigmaTable(steps=1000, shift=3.0).snap(0.1)
+    noise = torch.randn(raw.shape, generator=torch.Generator().manual_seed(5))
+    ctx, pooled = prompts[0][0][0], prompts[0][0][1]["pooled_output"]
+    expected = reference.score(add_noise(to_model_space(raw), noise, sigma), sigma, ctx, pooled)
+    torch.testing.assert_close(torch.tensor(scores), expected, rtol=1e-5, atol=1e-5)
+    vae = env.node("VAELoader").load_vae("taesd3")[0]
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    assert "sigma 0.100746 (model's recommendation" in env.node("DRMScoreImage").score(dina, image, vae, prompts[0],
+                                                                                       -1.0, 0)[1]
+
+
 # ------------------------------------------------------------------------------------------------- errors
 
 def test_clear_errors(env, torch, model, drm, prompts):
@@ -356,6 +483,8 @@ def test_server_loads_the_pack_and_serves_object_info(server):
         assert info[node_id]["description"] and info[node_id]["category"] == "DRM", node_id
     options = info["DRMLoader"]["input"]["required"]["drm_name"][0]
     assert DRM_FILE in options and "extra_drm.safetensors" in options  # extra_model_paths.yaml is honoured
+    assert DINA_FOLDER in options and not [o for o in options if o.endswith(".pt") or o.startswith(DINA_FOLDER + "/")]
+    assert CHECKPOINT in info["DRMLoader"]["input"]["optional"]["base"][0]
 
 
 @pytest.mark.parametrize("name", comfy_env.workflow_names())
@@ -369,17 +498,19 @@ def test_server_runs_the_workflow(server, name):
     for img in saved:
         assert (server.log_path.parent / "output" / img["subfolder"] / img["filename"]).is_file()
     texts = [t for out in outputs.values() for t in out.get("text", [])]
-    if name != "drm_stepwise_ksampler":
-        assert any("DRM scores at sigma 0" in t for t in texts), texts
+    if name != "drm_stepwise_ksampler":  # sigma -1 in the workflows: the DiNa-LRM's recommended sigma
+        assert any("DRM scores at sigma" in t and "(model's recommendation" in t for t in texts), texts
     assert "lora key not loaded" not in server.log()
 
 
 def test_exported_step_grpo_lora_matches_peft_in_comfyui(env, torch, caplog):
-    """A LoRA trained with PEFT and written by export_lora loads through the stock LoraLoaderModelOnly with no
-    unloaded key and gives the same MMDiT output as the in-memory PEFT model (ComfyUI applies alpha / rank)."""
+    """A LoRA trained with PEFT (scale alpha / rank = 2) and written by export_lora (scale folded into lora_B, no
+    `.alpha` tensors) loads through the stock LoraLoaderModelOnly at strength 1.0 with no unloaded key and gives
+    the same MMDiT output as the in-memory PEFT model (ComfyUI applies scale 1.0 without `.alpha` tensors)."""
     import logging
 
     import comfy.model_management
+    from safetensors import safe_open
 
     from training.lora import add_lora, export_lora
 
@@ -389,7 +520,9 @@ def test_exported_step_grpo_lora_matches_peft_in_comfyui(env, torch, caplog):
         if "lora_B" in name:
             p.data.normal_(std=0.05)
     name = "exported_step_grpo_test.safetensors"
-    export_lora(peft_model, env.base / "models" / "loras" / name)
+    path = export_lora(peft_model, env.base / "models" / "loras" / name)
+    with safe_open(str(path), "pt") as f:
+        assert not [k for k in f.keys() if k.endswith(".alpha")]  # diffusers' load_lora_weights refuses those
     unet = env.node("UNETLoader").load_unet(CHECKPOINT, "default")[0]
     with caplog.at_level(logging.WARNING):
         patched = env.node("LoraLoaderModelOnly").load_lora_model_only(unet, name, 1.0)[0]

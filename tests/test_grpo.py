@@ -55,3 +55,34 @@ def test_one_forward_gives_all_k_log_probs_with_the_k_forward_gradient():
     grad_k = torch.autograd.grad(loss_k, layer.weight)[0]
     torch.testing.assert_close(loss_one, loss_k)
     torch.testing.assert_close(grad_one, grad_k, rtol=1e-5, atol=1e-7)
+
+
+def test_policy_cfg_uses_the_given_negative_and_zeros_by_default():
+    """v = v_neg + cfg * (v_cond - v_neg), the negative [1, N, 4096] / [1, 2048] broadcast over the batch."""
+    import pytest
+
+    from drm_core import DRMError
+    from tiny import conditioning, tiny_transformer
+    from training.grpo_core import Policy
+
+    model = tiny_transformer(num_layers=1, dual_attention_layers=())
+    ctx, pooled = conditioning(3, tokens=5)
+    neg_ctx, neg_pooled = conditioning(1, tokens=5, seed=7)
+    x, rows, sigma = torch.randn(2, 16, 4, 4), torch.tensor([2, 0]), 0.6
+    t = torch.full((2,), 600.0)
+
+    def v(c, p):
+        with torch.no_grad():
+            return model(x, c, p, t).sample
+
+    v_cond = v(ctx[rows], pooled[rows])
+    with torch.no_grad():
+        given = Policy(model, ctx, pooled, 4.5, neg_ctx, neg_pooled).velocity(x, sigma, rows)
+        zeroed = Policy(model, ctx, pooled, 4.5).velocity(x, sigma, rows)
+    v_neg = v(neg_ctx.expand(2, -1, -1), neg_pooled.expand(2, -1))
+    torch.testing.assert_close(given, v_neg + 4.5 * (v_cond - v_neg), rtol=1e-4, atol=1e-5)
+    v_zero = v(torch.zeros(2, 5, 4096), torch.zeros(2, 2048))
+    torch.testing.assert_close(zeroed, v_zero + 4.5 * (v_cond - v_zero), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(given, zeroed)
+    with pytest.raises(DRMError, match="negative_context must be"):
+        Policy(model, ctx, pooled, 4.5, torch.zeros(1, 154, 4096), neg_pooled)

@@ -44,6 +44,30 @@ def config(world: Path, out: Path, *extra: str, **train) -> TrainDRMConfig:
     return load_config(TrainDRMConfig, None, overrides)
 
 
+def test_inputs_are_checked_before_the_model_is_built(world, tmp_path, monkeypatch):
+    """A wrong out, base, cache or resume fails at once, naming the setting, before any weight is read."""
+    import training.train_drm as train_drm
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built before the inputs were checked")
+
+    monkeypatch.setattr(train_drm, "build_model", no_build)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DRMError, match=r"out = .*a_file/run: cannot write there"):
+        train(config(world, tmp_path / "a_file" / "run"))
+    with pytest.raises(DRMError, match=r"model.base = .*missing.safetensors: .*no such file"):
+        train(config(world, tmp_path / "run", f"model.base={json.dumps(str(tmp_path / 'missing.safetensors'))}"))
+    with pytest.raises(DRMError, match="not a preference cache"):
+        train(config(world, tmp_path / "run", f"data.cache={json.dumps(str(tmp_path))}"))
+    tiny_transformer(joint_attention_dim=2048, pos_embed_max_size=2).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(DRMError, match=r"data.cache = .* does not fit model.base = .*narrow: latents 8x8 exceed the "
+                                       r"4x4 .*; text embeddings are 4096 / 2048 wide, the model takes context 2048"):
+        train(config(world, tmp_path / "run", f"model.base={json.dumps(str(tmp_path / 'narrow'))}"))
+    with pytest.raises(DRMError, match="--resume nowhere: not a checkpoint folder"):
+        train(config(world, tmp_path / "run"), resume="nowhere")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_cache_reads_back(world):
     data = PreferenceCache(world / "cache")
     item = data[0]

@@ -2,9 +2,18 @@
 
 Images go through the SD3 VAE (model-space latents, sampled with noise fixed per image), prompts
 through SD3's three text encoders exactly as ComfyUI encodes them (see `training.encoders`). The
-run is resumable: restarted with the same arguments it skips every id already in a whole shard
-(`--out` keeps the arguments in `cache-args.json` and refuses to mix runs made with others).
-Training reads only the cache; no VAE or text encoder is loaded then.
+VAE and text encoders may come in ComfyUI's layouts (a single-file checkpoint, models/vae/,
+models/text_encoders/) or as diffusers folders (`training.sd3_files`). The run is resumable:
+restarted with the same arguments it skips every id already in a whole shard (`--out` keeps the
+arguments in `cache-args.json` and refuses to mix runs made with others). Training reads only the
+cache; no VAE or text encoder is loaded then.
+
+Every input is checked before the first image is encoded: `--out` is writable, the VAE's and the
+three text encoders' files are opened and every tensor name and shape is checked against the
+architecture they will be built with, the tokenizers are loaded, the data files are read. The
+encoders themselves are still built one after the other when their pass starts: SD3's text
+encoders take 10-20 GB, which need not sit next to the VAE, and after the checks building only
+reads bytes whose names and shapes are already known.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import argparse
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,8 @@ from drm_core import DRMError
 from .cache_format import CacheWriter
 from .data import ImageReader, PreferenceData, describe_image, load_preferences
 from .encoders import (CONTEXT_DIM, CONTEXT_TOKENS, POOLED_DIM, ImageEncoder, SD3TextEncoder, SD3VAEEncoder,
-                       TextEncoder)
+                       TextEncoder, check_resolution)
+from .sd3_files import open_text_encoders, open_vae
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +52,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="preference data: .jsonl/.json/.csv ({prompt, chosen, rejected} or HPSv3 {prompt, "
                              "path1, path2, confidence}), Pick-a-Pic .parquet or a folder of shards; repeatable")
     parser.add_argument("--out", required=True, help="cache folder (created; an interrupted run resumes here)")
-    parser.add_argument("--vae", required=True, help="local diffusers SD3 VAE folder (or SD3 pipeline folder)")
-    parser.add_argument("--text-encoders", required=True,
-                        help="local diffusers SD3/SD3.5 pipeline folder with text_encoder{,_2,_3} and tokenizer{,_2,_3}")
+    parser.add_argument("--vae", required=True, metavar="PATH",
+                        help="the SD3 VAE: a single-file SD3/SD3.5 checkpoint (its first_stage_model.*), a VAE "
+                             ".safetensors from ComfyUI's models/vae/ (LDM or diffusers names), or a diffusers VAE "
+                             "folder / SD3 pipeline folder")
+    parser.add_argument("--text-encoders", required=True, nargs="+", metavar="PATH",
+                        help="SD3's CLIP-L, CLIP-G and T5-XXL: ComfyUI's models/text_encoders/ folder (recognised by "
+                             "their tensors, not their names; fp16, fp8_e4m3fn or scaled fp8, the highest precision "
+                             "is used), a single-file checkpoint that includes them (e.g. "
+                             "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors), the files themselves, or a "
+                             "diffusers SD3/SD3.5 pipeline folder")
+    parser.add_argument("--tokenizers", default=None, metavar="PATH",
+                        help="where the tokenizers come from: a ComfyUI folder (comfy/sd1_tokenizer, "
+                             "comfy/text_encoders/t5_tokenizer) or a diffusers SD3 folder (tokenizer{,_2,_3}). "
+                             "Default: the diffusers folder given as --text-encoders, else the ComfyUI install holding the "
+                             "text encoder files or this pack, else $COMFYUI_PATH")
     parser.add_argument("--resolution", type=int, default=512, help="square image side in pixels (default 512)")
     parser.add_argument("--batch-size", type=int, default=8, help="images / prompts per encoder call (default 8)")
     parser.add_argument("--shard-size", type=int, default=1024, help="items per cache shard (default 1024)")
@@ -60,41 +83,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the pairs, encode what is not cached yet, write pairs and cache.json."""
+    """Check every input, load the pairs, encode what is not cached yet, write pairs and cache.json."""
     for name in ("batch_size", "shard_size", "resolution"):
         if getattr(args, name) < 1:
             raise DRMError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_resolution(args.resolution)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda")
                                                                else torch.float32)
-    vae_path, text_path = _local(args.vae, "--vae"), _local(args.text_encoders, "--text-encoders")
+    check_writable(args.out, "--out")
+    vae = open_vae(args.vae)
+    text_paths = args.text_encoders[0] if len(args.text_encoders) == 1 else args.text_encoders
+    text = open_text_encoders(text_paths, args.tokenizers)
     data = load_preferences(args.data, limit=args.limit, check_images=not args.no_check_images)
     settings = {"data": data.sources, "limit": args.limit, "resolution": args.resolution, "seed": args.seed,
-                "vae": str(vae_path), "text_encoders": str(text_path), "dtype": str(dtype).removeprefix("torch."),
+                "vae": vae.description, "text_encoders": text.describe(), "dtype": str(dtype).removeprefix("torch."),
                 "store_dtype": args.store_dtype, "check_images": not args.no_check_images,
                 "content": data_digest(data)}
     build_cache(data, args.out,
-                image_encoder=lambda: SD3VAEEncoder.from_pretrained(vae_path, args.resolution, device, dtype,
-                                                                    args.seed),
-                text_encoder=lambda: SD3TextEncoder.from_pretrained(text_path, device, dtype),
+                image_encoder=lambda: SD3VAEEncoder(vae.load(device, dtype), args.resolution, device, dtype,
+                                                    args.seed),
+                text_encoder=lambda: SD3TextEncoder.from_files(text, device, dtype),
                 text_scheme=SD3TextEncoder.scheme, settings=settings, batch_size=args.batch_size,
                 shard_size=args.shard_size, store_dtype=DTYPES[args.store_dtype])
     return 0
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and write a test file there, or raise naming `what` and the folder."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise DRMError(f"{what} {folder}: cannot write there ({err}); choose a writable folder") from err
+    return path
 
 
 def data_digest(data: PreferenceData) -> str:
     """sha1 of the prompts, image references and pairs: ids in a resumed cache must mean the same items."""
     content = json.dumps([data.prompts, [describe_image(r) for r in data.images], data.pairs])
     return hashlib.sha1(content.encode()).hexdigest()
-
-
-def _local(path: str, flag: str) -> Path:
-    """An existing local path; anything else (e.g. a hub id) is an error: weights are never downloaded."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DRMError(f"{flag} {path}: no such local folder. Weights must be local (this tool never downloads "
-                       "from a hub); download the SD3/SD3.5 diffusers folder first and pass its path")
-    return p.resolve()
 
 
 def build_cache(data: PreferenceData, out: str | Path, image_encoder: Callable[[], ImageEncoder],

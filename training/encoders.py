@@ -21,6 +21,8 @@ so a DRM trained on this cache scores ComfyUI's CONDITIONING as it scored its tr
 The cache stores a fixed N = 154 tokens. A prompt longer than 75 CLIP tokens or 76 T5 tokens makes
 ComfyUI's context longer; here it keeps the first CLIP chunk (77) and the first 77 T5 states (of T5
 run on the full prompt), i.e. exact prefixes of ComfyUI's two parts, and is counted in `truncated`.
+The weights and tokenizers are found and opened by `training.sd3_files` (ComfyUI's files, a single-file
+checkpoint or a diffusers folder); this module only encodes.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ from torch import Tensor
 from drm_core import DRMError
 from drm_core.latents import SD3_LATENT_CHANNELS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT, to_model_space
 
+from .sd3_files import CONTEXT_DIM, POOLED_DIM, SD3TextFiles, load_sd3_vae, open_text_encoders
+
 log = logging.getLogger(__name__)
 
-CONTEXT_DIM = 4096
-POOLED_DIM = 2048
 CLIP_LENGTH = 77
 T5_MIN_LENGTH = 77
 CONTEXT_TOKENS = CLIP_LENGTH + T5_MIN_LENGTH  # 154, the fixed N of a cache
@@ -233,21 +235,6 @@ def apply_weights(z: Tensor, weights: Tensor, z_empty: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- SD3 text encoder
 
-def _local_dir(path: str | Path, what: str, expected: str) -> Path:
-    """`path` as an existing local folder, or a DRMError saying weights must be local."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise DRMError(f"{what} {path}: not a local folder. Weights must be local (this tool never "
-                       f"downloads from a hub): pass {expected}")
-    return folder
-
-
-def _dtype_kwargs(dtype: torch.dtype) -> dict:
-    import transformers
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 class SD3TextEncoder:
     """CLIP-L + CLIP-G + T5-XXL encoding prompts as ComfyUI does for SD3 (see the module docstring)."""
 
@@ -268,28 +255,18 @@ class SD3TextEncoder:
             raise DRMError(f"T5 hidden size is {t5_dim}; SD3 conditioning needs {CONTEXT_DIM}")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "SD3TextEncoder":
-        """Load from a local diffusers SD3 pipeline folder (text_encoder{,_2,_3}, tokenizer{,_2,_3})."""
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+    def from_pretrained(cls, path: str | Path | list[str | Path], device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, tokenizers: str | Path | None = None) -> "SD3TextEncoder":
+        """Load from any layout `training.sd3_files.open_text_encoders` accepts: ComfyUI's models/text_encoders/
+        folder, a single-file checkpoint that includes them, those files, or a diffusers SD3 pipeline folder;
+        `tokenizers` (ComfyUI or diffusers folder) overrides where the tokenizers come from."""
+        return cls.from_files(open_text_encoders(path, tokenizers), device, dtype)
 
-        expected = "a diffusers SD3/SD3.5 pipeline folder with text_encoder, text_encoder_2, text_encoder_3, " \
-                   "tokenizer, tokenizer_2 and tokenizer_3"
-        root = _local_dir(folder, "--text-encoders", expected)
-        missing = [s for s in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                               "tokenizer_3") if not (root / s).is_dir()]
-        if missing:
-            raise DRMError(f"--text-encoders {root}: missing subfolder(s) {missing}; expected {expected}")
-        kwargs = {"local_files_only": True, **_dtype_kwargs(dtype)}
-        try:
-            models = [CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", **kwargs),
-                      CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", **kwargs),
-                      T5EncoderModel.from_pretrained(root / "text_encoder_3", **kwargs)]
-            tokenizers = [AutoTokenizer.from_pretrained(root / s, local_files_only=True)
-                          for s in ("tokenizer", "tokenizer_2", "tokenizer_3")]
-        except (OSError, ValueError) as err:
-            raise DRMError(f"--text-encoders {root}: cannot load the SD3 text encoders ({err})") from err
-        return cls(*models, *tokenizers, device=device)
+    @classmethod
+    def from_files(cls, files: SD3TextFiles, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> "SD3TextEncoder":
+        """Build from text encoders already found and checked by `open_text_encoders` (reads the weights)."""
+        return cls(*files.load_models(dtype), *files.tokenizers, device=device)
 
     def tokenize(self, prompt: str) -> tuple[list[list[tuple[int, float]]], ...]:
         """ComfyUI token chunks of one prompt for CLIP-L, CLIP-G and T5."""
@@ -372,13 +349,18 @@ def image_noise(shape: tuple[int, ...], seed: int, image_id: int) -> Tensor:
     return torch.randn(shape, generator=generator)
 
 
+def check_resolution(resolution: int) -> None:
+    """Images are encoded at a square side that is a positive multiple of 16 (an even latent side)."""
+    if resolution % 16 or resolution < 16:
+        raise DRMError(f"--resolution must be a positive multiple of 16 (latent side even), got {resolution}")
+
+
 class SD3VAEEncoder:
     """SD3 VAE encoder: images -> model-space latents (z - 0.0609) * 1.5305, z ~ latent_dist (sampled)."""
 
     def __init__(self, vae: Any, resolution: int = 512, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0):
-        if resolution % 16 or resolution < 16:
-            raise DRMError(f"--resolution must be a positive multiple of 16 (latent side even), got {resolution}")
+        check_resolution(resolution)
         channels = vae.config.latent_channels
         if channels != SD3_LATENT_CHANNELS:
             raise DRMError(f"VAE has {channels} latent channels; SD3 latents have {SD3_LATENT_CHANNELS}")
@@ -394,18 +376,10 @@ class SD3VAEEncoder:
     @classmethod
     def from_pretrained(cls, path: str | Path, resolution: int = 512, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, seed: int = 0) -> "SD3VAEEncoder":
-        """Load a diffusers AutoencoderKL from a local VAE folder or a pipeline folder with `vae/`."""
-        from diffusers import AutoencoderKL
-
-        folder = _local_dir(path, "--vae", "a diffusers VAE folder (config.json + weights) or an SD3 pipeline "
-                                           "folder containing vae/")
-        if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
-            folder = folder / "vae"
-        try:
-            vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise DRMError(f"--vae {folder}: cannot load a diffusers AutoencoderKL ({err})") from err
-        return cls(vae, resolution, device, dtype, seed)
+        """Load the VAE from any layout `training.sd3_files.load_sd3_vae` accepts: a single-file checkpoint
+        (first_stage_model.*), a VAE .safetensors (LDM or diffusers names), a diffusers VAE or pipeline folder."""
+        check_resolution(resolution)
+        return cls(load_sd3_vae(path, device, dtype), resolution, device, dtype, seed)
 
     @torch.no_grad()
     def encode(self, images: list[Image.Image], ids: list[int]) -> Tensor:

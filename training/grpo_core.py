@@ -15,28 +15,47 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drm_core import candidate_log_probs, clipped_policy_loss, gaussian_kl, group_advantages, sde_step
+from drm_core import DRMError, candidate_log_probs, clipped_policy_loss, gaussian_kl, group_advantages, sde_step
 
 RewardFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """reward_fn(latents [N, ...], sigma, prompt_rows [N]) -> scores [N]."""
 
 
 class Policy:
-    """CFG velocity of an SD3 transformer with a LoRA; conditioning rows index `context` / `pooled`."""
+    """CFG velocity of an SD3 transformer with a LoRA; conditioning rows index `context` / `pooled`.
 
-    def __init__(self, transformer: torch.nn.Module, context: Tensor, pooled: Tensor, cfg_scale: float = 4.5):
+    `negative_context` [1, N, 4096] / `negative_pooled` [1, 2048] are the CFG negative, broadcast over the
+    batch: the encoded negative prompt, as ComfyUI's workflows feed it. None keeps zeroed conditioning.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, context: Tensor, pooled: Tensor, cfg_scale: float = 4.5,
+                 negative_context: Tensor | None = None, negative_pooled: Tensor | None = None):
         self.transformer, self.context, self.pooled, self.cfg_scale = transformer, context, pooled, cfg_scale
+        if (negative_context is None) != (negative_pooled is None):
+            raise DRMError("Policy: give both negative_context and negative_pooled, or neither")
+        if negative_context is None:
+            negative_context = torch.zeros_like(context[:1])  # [1, N, 4096]
+            negative_pooled = torch.zeros_like(pooled[:1])  # [1, 2048]
+        if negative_context.shape[0] != 1 or negative_context.shape[1:] != context.shape[1:]:
+            raise DRMError(f"Policy: negative_context must be [1, {', '.join(map(str, context.shape[1:]))}] like "
+                           f"the prompts' context, got {list(negative_context.shape)}")
+        if negative_pooled.shape != (1, *pooled.shape[1:]):
+            raise DRMError(f"Policy: negative_pooled must be [1, {pooled.shape[-1]}], got "
+                           f"{list(negative_pooled.shape)}")
+        self.negative_context, self.negative_pooled = negative_context, negative_pooled
 
     def velocity(self, x: Tensor, sigma: Tensor | float, rows: Tensor) -> Tensor:
-        """v = v_uncond + cfg * (v_cond - v_uncond), one batched call; the negative is zeroed conditioning."""
-        ctx, pooled = self.context[rows].to(x), self.pooled[rows].to(x)
+        """v = v_neg + cfg * (v_cond - v_neg), one batched call on [negative, prompt]."""
+        ctx, pooled = self.context[rows].to(x), self.pooled[rows].to(x)  # [B, N, 4096], [B, 2048]
         t = torch.full((x.shape[0],), float(sigma) * 1000.0, device=x.device, dtype=x.dtype)
         if self.cfg_scale == 1.0:
             return self.transformer(x, ctx, pooled, t).sample
-        both = self.transformer(torch.cat([x, x]), torch.cat([torch.zeros_like(ctx), ctx]),
-                                torch.cat([torch.zeros_like(pooled), pooled]), torch.cat([t, t])).sample
-        v_uncond, v_cond = both.chunk(2)
-        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
+        neg_ctx = self.negative_context.to(x).expand_as(ctx)  # [B, N, 4096]
+        neg_pooled = self.negative_pooled.to(x).expand_as(pooled)  # [B, 2048]
+        both = self.transformer(torch.cat([x, x]), torch.cat([neg_ctx, ctx]), torch.cat([neg_pooled, pooled]),
+                                torch.cat([t, t])).sample
+        v_neg, v_cond = both.chunk(2)
+        return v_neg + self.cfg_scale * (v_cond - v_neg)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

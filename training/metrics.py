@@ -6,6 +6,10 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
+from drm_core import DRMError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +42,16 @@ class MetricLogger:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+
+    def image(self, step: int, tag: str, array: np.ndarray) -> None:
+        """Log an RGB image [H, W, 3] uint8 to TensorBoard (no-op without it: the PNG on disk is the record)."""
+        if not self.enabled or self._tb is None:
+            return
+        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            raise DRMError(f"MetricLogger.image({tag!r}): expected an [H, W, 3] uint8 array, got "
+                           f"{list(array.shape)} {array.dtype}")
+        self._tb.add_image(tag, array, step, dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:

@@ -2,7 +2,9 @@
 
 loss = -log sigmoid(r(x_w,sigma) - r(x_l,sigma)) with winner and loser noised to the same sigma.
 All randomness (pair order, sigma, noise, dropout) is derived from (seed, step), so a resumed run
-repeats an uninterrupted one and N processes see the same global batch as one.
+repeats an uninterrupted one and N processes see the same global batch as one. Before the model is
+built, `check_inputs` proves `out` writable, reads the base's architecture from its header and checks
+that the cache's latents and embeddings have the shapes that architecture takes.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drm_core import DRM, DRMError, add_noise, drm_from_base, load_drm, read_backbone_config, save_drm, shift_sigma
+from drm_core import (DRM, BackboneConfig, DRMError, add_noise, drm_from_base, load_drm, read_backbone_config,
+                      read_drm_header, save_drm, shift_sigma)
 from drm_core.model import DRMConfig, HeadConfig
 
+from .cache import check_writable
 from .cache_format import PreferenceCache
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
@@ -102,6 +106,59 @@ def build_model(cfg: ModelSection, seed: int) -> DRM:
     return drm.float()
 
 
+def base_backbone(cfg: ModelSection) -> BackboneConfig:
+    """The backbone `build_model` will build, read from model.base's header alone (no weights)."""
+    if not cfg.base:
+        raise DRMError("model.base is empty: give an SD3/SD3.5 checkpoint (or a DRM file with model.init = \"drm\")")
+    if cfg.init not in ("base", "random", "drm"):
+        raise DRMError(f"model.init must be base, random or drm, got {cfg.init!r}")
+    try:
+        if cfg.init == "drm":
+            return DRMConfig.from_dict(read_drm_header(cfg.base)).backbone
+        return read_backbone_config(cfg.base, cfg.blocks)[2]
+    except (DRMError, TypeError) as err:
+        raise DRMError(f"model.base = {cfg.base}: {err}") from err
+
+
+def check_cache_fits(data: PreferenceCache, backbone: BackboneConfig, where: str, base: str) -> None:
+    """The cache's latents and text embeddings have the shapes the backbone takes (read from its first pair)."""
+    if not len(data):
+        raise DRMError(f"{where}: no pairs to train or evaluate on")
+    item = data[0]
+    channels, height, width = item["win"].shape
+    patch, grid = backbone.patch_size, backbone.pos_embed_max_size
+    problems = []
+    if channels != backbone.in_channels:
+        problems.append(f"latents have {channels} channels, the model takes {backbone.in_channels}")
+    if height % patch or width % patch:
+        problems.append(f"latents {height}x{width} are not multiples of the patch size {patch}")
+    if max(height, width) > grid * patch:
+        problems.append(f"latents {height}x{width} exceed the {grid * patch}x{grid * patch} its position "
+                        f"embedding covers (images up to {grid * patch * 8} px)")
+    if item["context"].shape[-1] != backbone.context_dim or item["pooled"].shape[-1] != backbone.pooled_dim:
+        problems.append(f"text embeddings are {item['context'].shape[-1]} / {item['pooled'].shape[-1]} wide, the "
+                        f"model takes context {backbone.context_dim} / pooled {backbone.pooled_dim}")
+    if problems:
+        raise DRMError(f"{where} does not fit model.base = {base}: " + "; ".join(problems))
+
+
+def check_inputs(config: TrainDRMConfig, resume: str | None) -> tuple[PreferenceCache, PreferenceCache | None,
+                                                                         Path | None]:
+    """Everything a run reads or writes, checked before the model is built: out is writable, model.base's
+    header, the cache(s) and their fit to the base, the checkpoint to resume. Returns (train, held-out, ckpt)."""
+    out = check_writable(config.out, "out =")
+    backbone = base_backbone(config.model)
+    if not config.data.cache:
+        raise DRMError("data.cache is empty: point it at a folder written by `python -m training cache`")
+    data, held_out = split_eval(PreferenceCache(config.data.cache, in_memory=config.data.in_memory),
+                                config.data, config.train.seed)
+    check_cache_fits(data, backbone, f"data.cache = {config.data.cache}", config.model.base)
+    if held_out is not None:
+        where = f"data.eval_cache = {config.data.eval_cache}" if config.data.eval_cache else "held-out pairs"
+        check_cache_fits(held_out, backbone, where, config.model.base)
+    return data, held_out, resolve_resume(out / "checkpoints", resume)
+
+
 def sample_sigmas(n: int, cfg: TrainSection, generator: torch.Generator) -> Tensor:
     """Per-pair sigma: t ~ logit-normal(m, s) or U(0, 1), then SD3 shift (official recipe: logit-normal, shift 3)."""
     if cfg.sigma_sampling == "logit_normal":
@@ -163,15 +220,11 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
     if per_micro % world:
         raise DRMError(f"pairs per micro-batch ({per_micro}) must be divisible by the {world} processes")
     out = Path(config.out)
-    if not config.data.cache:
-        raise DRMError("data.cache is empty: point it at a folder written by `python -m training cache`")
-    data, held_out = split_eval(PreferenceCache(config.data.cache, in_memory=config.data.in_memory),
-                                config.data, cfg.seed)
+    data, held_out, ckpt = check_inputs(config, resume)
     model = build_model(config.model, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     start_step, best = 0, {}
-    ckpt = resolve_resume(out / "checkpoints", resume)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start_step, best = state["step"], state.get("eval", {})

@@ -1,8 +1,10 @@
 """`train-grpo`: Step-GRPO (`--mode step`, DRM paper §3.3) or Flow-GRPO (`--mode terminal`) LoRA training.
 
-Build: the SD3 MMDiT (any layout) with a LoRA, the DRM, prompt embeddings encoded once (then the text
-encoders are freed). Loop: rollout -> DRM rewards -> advantages -> PPO-clipped update (+ KL to the
-LoRA-off reference) -> log -> held-out eval (best LoRA kept, early stop on it) -> checkpoint.
+Check: every input is opened and validated first (grpo_inputs.check_inputs), so a wrong path fails in
+seconds. Build: prompt embeddings and the CFG negative encoded once (then the text encoders are freed),
+the SD3 MMDiT (any layout) with a LoRA, the DRM, the VAE for sample grids. Loop: rollout -> DRM rewards
+-> advantages -> PPO-clipped update (+ KL to the LoRA-off reference) -> log -> held-out eval (best LoRA
+kept, early stop on it; a PNG grid of held-out samples, the base model's at iteration 0) -> checkpoint.
 All randomness derives from (seed, iteration), so `--resume latest` repeats an uninterrupted run.
 """
 
@@ -16,16 +18,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from drm_core import DRMError, flow_sigmas, load_drm, load_mmdit, sde_sample
 
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
 from .grpo_core import Policy, policy_update, rollout_step_grpo, rollout_terminal
+from .grpo_inputs import check_embeddings, check_inputs, embeddings_path, prompt_embeddings
 from .lora import DEFAULT_TARGETS, add_lora, export_lora
 from .metrics import MetricLogger
+from .sample_grid import SampleGrids, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PolicySection:
     base: str = ""  # SD3/SD3.5 checkpoint: single file, bare MMDiT, or diffusers transformer folder
+    vae: str = ""  # SD3 VAE for sample grids (models/vae/ file or diffusers folder); "": the one inside `base`
     lora_rank: int = 32
     lora_alpha: float = 64.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -48,8 +51,9 @@ class RewardSection:
 @dataclass
 class PromptSection:
     file: str = ""  # one prompt per line (.txt) or {"prompt": ...} per line (.jsonl)
-    text_encoders: str = ""  # local diffusers SD3 folder; prompts are encoded once, ComfyUI's way
+    text_encoders: str = ""  # ComfyUI's models/text_encoders or a diffusers SD3 folder; encoded once as ComfyUI does
     cache: str = ""  # or: a folder with prompt embeddings already encoded (written by a previous run)
+    negative: str = "blurry, low quality, deformed"  # CFG negative prompt, as in the shipped workflows
     eval_prompts: int = 16  # held out from training, used for monitoring
 
 
@@ -62,6 +66,8 @@ class GRPOSection:
     steps: int = 10
     eval_steps: int = 40
     eval_every: int = 20
+    eval_noise_level: float = 0.0  # 0: the Euler ODE that ComfyUI users sample with (training uses the SDE)
+    eval_images: int = 8  # held-out samples decoded into out/samples/iter_NNNNNN.png (0: no images)
     patience: int = 5  # evaluations without a new best held-out reward before stopping (0: never stop)
     resolution: int = 512
     noise_level: float = 0.7
@@ -86,48 +92,6 @@ class TrainGRPOConfig:
     grpo: GRPOSection = field(default_factory=GRPOSection)
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a .txt (one per line) or .jsonl ({"prompt": ...} per line); blank lines skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise DRMError(f"prompts.file {path}: no such file")
-    prompts = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise DRMError(f"{path}:{i}: expected a JSON object with a 'prompt' key ({err})") from err
-        else:
-            prompts.append(line.strip())
-    if not prompts:
-        raise DRMError(f"prompts.file {path}: no prompts")
-    return prompts
-
-
-def prompt_embeddings(cfg: PromptSection, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, N, 4096] and [M, 2048]: read from `cache`, or encoded once from `file` and saved to out/prompts."""
-    folder = Path(cfg.cache) if cfg.cache else out / "prompts"
-    path = folder / "prompt_embeddings.safetensors"
-    if not path.is_file():
-        if not (cfg.file and cfg.text_encoders):
-            raise DRMError(f"no prompt embeddings at {path}: set prompts.file and prompts.text_encoders")
-        from .encoders import SD3TextEncoder
-
-        texts = read_prompt_file(cfg.file)
-        encoder = SD3TextEncoder.from_pretrained(cfg.text_encoders)
-        parts = [encoder.encode(texts[i:i + 16]) for i in range(0, len(texts), 16)]
-        del encoder  # no text encoder stays in memory while training
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"context": torch.cat([p[0] for p in parts]).contiguous(),
-                   "pooled": torch.cat([p[1] for p in parts]).contiguous()}, path,
-                  {"prompts": json.dumps(texts), "scheme": "comfyui-sd3"})
-    with safe_open(str(path), "pt") as f:
-        return f.get_tensor("context").float(), f.get_tensor("pooled").float()
-
-
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -138,17 +102,24 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
     from tqdm.auto import tqdm
 
     cfg, out = config.grpo, Path(config.out)
-    if cfg.mode not in ("step", "terminal"):
-        raise DRMError(f"grpo.mode must be step or terminal, got {cfg.mode!r}")
-    if not config.policy.base or not config.reward.drm:
-        raise DRMError("policy.base and reward.drm are required")
+    inputs = check_inputs(config)  # every path opened and validated before any model is built
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     dtype = torch.bfloat16 if config.policy.dtype == "bf16" or (
         config.policy.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else torch.float32
-    context, pooled = prompt_embeddings(config.prompts, out)
-    n_eval = min(config.prompts.eval_prompts, len(context) // 2)
-    train_rows, eval_rows = torch.arange(n_eval, len(context)), torch.arange(n_eval)
+    with accelerator.main_process_first():  # one process encodes (if needed), the others read its file
+        emb = prompt_embeddings(config.prompts, out, inputs.prompts)
+    check_embeddings(emb, inputs.backbone, config.prompts.eval_prompts, embeddings_path(config.prompts, out))
+    n_eval = min(config.prompts.eval_prompts, len(emb.context) // 2)
+    train_rows, eval_rows = torch.arange(n_eval, len(emb.context)), torch.arange(n_eval)
+    grids = None
+    if accelerator.is_main_process and inputs.vae is not None:
+        grids = SampleGrids(load_vae(inputs.vae, "cpu", dtype), out, device, cfg.eval_images,
+                            emb.texts[:n_eval] if emb.texts else None)
+        log.info("sample grids of %d held-out prompts go to %s (VAE: %s)", min(n_eval, cfg.eval_images),
+                 out / "samples", inputs.vae_note)
+    elif accelerator.is_main_process:
+        log.info("sample grids are off: %s", inputs.vae_note)
     torch.manual_seed(cfg.seed)
     model = add_lora(load_mmdit(config.policy.base, dtype=dtype), config.policy.lora_rank,
                      config.policy.lora_alpha, config.policy.targets).to(device)
@@ -156,7 +127,8 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
         p.data = p.data.float()  # LoRA weights in fp32 (master copy), base stays in `dtype`
     drm = load_drm(config.reward.drm, device=device, dtype=dtype)
     holdout = load_drm(config.reward.holdout_drm, device=device, dtype=dtype) if config.reward.holdout_drm else drm
-    policy = Policy(model, context.to(device, dtype), pooled.to(device, dtype), cfg.cfg_scale)
+    policy = Policy(model, emb.context.to(device, dtype), emb.pooled.to(device, dtype), cfg.cfg_scale,
+                    emb.negative_context.to(device, dtype), emb.negative_pooled.to(device, dtype))
     optimizer = torch.optim.AdamW(list(trainable_state(model).values()), lr=cfg.lr, weight_decay=0.0)
     start, best, stale = 0, float("-inf"), 0
     ckpt = resolve_resume(out / "checkpoints", resume)
@@ -170,13 +142,18 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
         log.info("resumed from %s at iteration %d", ckpt, start)
     if accelerator.is_main_process:
         save_resolved(config, out)
-    metrics = MetricLogger(out, enabled=accelerator.is_main_process, truncate_after=start)
+    metrics = MetricLogger(out, enabled=accelerator.is_main_process, truncate_after=start if start else -1)
     latent_side = cfg.resolution // 8
     sigmas = flow_sigmas(cfg.steps)
 
     def reward_fn(latents: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return drm.score(latents.to(dtype), sigma, policy.context[rows], policy.pooled[rows])
 
+    if start == 0:  # the base model, for comparison: same prompts, same noise (every process, to stay in step)
+        with policy.reference():
+            held, samples = evaluate(policy, holdout, eval_rows.to(device), cfg, latent_side, dtype)
+        metrics.log(0, {"eval/holdout_reward": held})
+        _write_grid(grids, metrics, 0, samples)
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
     bar = tqdm(total=cfg.iterations, initial=start, disable=not accelerator.is_main_process, desc=f"grpo-{cfg.mode}")
     for it in range(start, end):
@@ -204,8 +181,10 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
                                "loss": stats.loss, "kl": stats.kl, "clip_fraction": stats.clip_fraction,
                                "seconds": time.perf_counter() - tick})
         if done % cfg.eval_every == 0 or done == cfg.iterations:
-            held = evaluate(policy, holdout, eval_rows.to(device), cfg, latent_side, dtype)
+            model.eval()
+            held, samples = evaluate(policy, holdout, eval_rows.to(device), cfg, latent_side, dtype)
             metrics.log(done, {"eval/holdout_reward": held})
+            _write_grid(grids, metrics, done, samples)
             if held > best:
                 best, stale = held, 0
                 if accelerator.is_main_process:
@@ -240,12 +219,25 @@ def _backward_synced(loss: torch.Tensor, model: torch.nn.Module, accelerator) ->
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, reward, rows: torch.Tensor, cfg: GRPOSection, side: int, dtype: torch.dtype) -> float:
-    """Mean held-out reward (sigma 0) of SDE samples of the held-out prompts with eval_steps steps, fixed noise."""
+def evaluate(policy: Policy, reward, rows: torch.Tensor, cfg: GRPOSection, side: int,
+             dtype: torch.dtype) -> tuple[float, torch.Tensor]:
+    """Mean held-out reward (sigma 0) and the samples [B, 16, side, side] (model space) of the held-out prompts,
+    `eval_steps` steps from the same noise every time. `eval_noise_level` defaults to 0, the Euler ODE that
+    ComfyUI users sample with (KSampler "euler"), so the number and the grids show what they will get."""
     g = torch.Generator().manual_seed(123_456)
-    x = torch.randn((len(rows), 16, side, side), generator=g).to(rows.device, dtype)
-    x0 = sde_sample(lambda z, s: policy.velocity(z, s, rows), x, flow_sigmas(cfg.eval_steps), cfg.noise_level, g)
-    return float(reward.score(x0, 0.0, policy.context[rows], policy.pooled[rows]).mean())
+    x = torch.randn((len(rows), 16, side, side), generator=g).to(rows.device, dtype)  # [B, 16, side, side]
+    x0 = sde_sample(lambda z, s: policy.velocity(z, s, rows), x, flow_sigmas(cfg.eval_steps), cfg.eval_noise_level,
+                    g)
+    return float(reward.score(x0, 0.0, policy.context[rows], policy.pooled[rows]).mean()), x0
+
+
+def _write_grid(grids: SampleGrids | None, metrics: MetricLogger, step: int, samples: torch.Tensor) -> None:
+    """Held-out samples as out/samples/iter_NNNNNN.png and a TensorBoard image (main process: others have none)."""
+    if grids is None:
+        return
+    path, grid = grids.write(step, samples)
+    metrics.image(step, "eval/samples", grid)
+    log.info("wrote %s", path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,7 +14,7 @@ from drm_core import DRM, flow_sigmas, stepwise_sample
 
 from ..grpo_core import Policy, policy_update, rollout_step_grpo, rollout_terminal
 from ..lora import add_lora
-from .world import N_CLASSES, GroundTruthReward, ToyTextEncoder, decode_model_space
+from .world import N_CLASSES, NULL_PROMPT, GroundTruthReward, ToyTextEncoder, decode_model_space
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def run_grpo(mode: str, generator: SD3Transformer2DModel, drm: DRM, monitor: DRM
     The guard's pick is the evaluation with the best monitor score (what best_lora.safetensors holds)."""
     torch.manual_seed(seed)
     model = add_lora(copy.deepcopy(generator), cfg.lora_rank, cfg.lora_alpha)
-    policy = Policy(model, text.context, text.pooled, cfg_scale=1.0)
+    null_context, null_pooled = text(torch.tensor([NULL_PROMPT]))  # the toy's empty prompt: zeros
+    policy = Policy(model, text.context, text.pooled, cfg_scale=1.0, negative_context=null_context,
+                    negative_pooled=null_pooled)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     reward_fn = _reward(drm, text)
