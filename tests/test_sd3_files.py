@@ -417,6 +417,31 @@ def test_cache_train_eval_from_comfyui_files_only(world: dict, tmp_path: Path, n
     assert "| sigma | 0 | 0.25 | 0.5 | 0.75 |" in capsys.readouterr().out
 
 
+def test_train_grpo_and_export_lora_from_comfyui_files_only(world: dict, tmp_path: Path, no_comfyui_env: None,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """train-grpo -> export-lora on the single-file checkpoint and models/text_encoders/: no diffusers folder."""
+    from drm_core import drm_from_base, save_drm
+    from tiny import TINY_HEAD
+
+    checkpoint = world["checkpoint"]
+    drm = save_drm(drm_from_base(checkpoint, blocks=2, **TINY_HEAD), tmp_path / "drm.safetensors")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat on the mat\na red car\nbig dog on the road\n")
+    run, q = tmp_path / "run", json.dumps
+    overrides = [f"out={q(str(run))}", f"policy.base={q(str(checkpoint))}", "policy.lora_rank=2",
+                 "policy.lora_alpha=4.0", f"reward.drm={q(str(drm))}", f"prompts.file={q(str(prompts))}",
+                 f"prompts.text_encoders={q(str(world['te']))}", "prompts.eval_prompts=1", "grpo.iterations=2",
+                 "grpo.prompts_per_iteration=1", "grpo.group=2", "grpo.steps=2", "grpo.eval_steps=2",
+                 "grpo.eval_every=2", "grpo.resolution=32", "grpo.cfg_scale=2.0", "grpo.patience=0"]
+    assert main(["train-grpo", *(x for o in overrides for x in ("--set", o))]) == 0
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["iter_000000.png", "iter_000002.png"]
+    lora = tmp_path / "lora.safetensors"
+    assert main(["export-lora", str(run), "--out", str(lora)]) == 0
+    capsys.readouterr()
+    assert main(["verify-lora", str(lora), "--base", str(checkpoint)]) == 0
+    assert "ComfyUI" in capsys.readouterr().out
+
+
 def test_wrong_text_encoders_path_fails_before_any_image(world: dict, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
