@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import DRMError
-from .keys import Layout, apply_transform, detect_layout, infer_backbone, stability_names
+from .keys import apply_transform, detect_layout, infer_backbone, stability_names
 from .latents import SD3_LATENT_CHANNELS, SD3_LATENT_SCALE, SD3_LATENT_SHIFT
 from .model import DRM, DRMConfig, build_head, head_config
 from .scoring import ScoringConvention

@@ -299,7 +299,10 @@ class ComfyServer:
 
     def run(self, graph: dict, timeout: float = 120.0) -> dict:
         """Queue an API-format graph and wait for its history entry."""
-        prompt_id = self.post("/prompt", {"prompt": graph, "client_id": "drm-tests"})["prompt_id"]
+        return self.wait(self.post("/prompt", {"prompt": graph, "client_id": "drm-tests"})["prompt_id"], timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> dict:
+        """The history entry of a queued prompt once it has finished."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             history = self.get(f"/history/{prompt_id}")
@@ -316,3 +319,16 @@ class ComfyServer:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+def check_workflow_run(server: ComfyServer, name: str, result: dict) -> None:
+    """A shipped workflow's run succeeded, saved its images and (but the all-in-one) reported auto-sigma scores."""
+    assert result["status"]["status_str"] == "success", json.dumps(result["status"], indent=1)[-3000:]
+    outputs = result["outputs"]
+    saved = [img for out in outputs.values() for img in out.get("images", []) if img["type"] == "output"]
+    assert saved, f"{name}: no image saved"
+    for img in saved:
+        assert (server.log_path.parent / "output" / img["subfolder"] / img["filename"]).is_file()
+    texts = [t for out in outputs.values() for t in out.get("text", [])]
+    if name != "drm_stepwise_ksampler":  # sigma -1 in the workflows: the DiNa-LRM's recommended sigma
+        assert any("DRM scores at sigma" in t and "(model's recommendation" in t for t in texts), texts

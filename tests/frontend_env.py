@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -228,17 +227,6 @@ def frontend(url: str, chromium: str, window: tuple[int, int] = WINDOW) -> Itera
             yield ui
         finally:
             context.close()
-
-
-def wait_for_history(server, prompt_id: str, timeout: float = 120.0) -> dict:
-    """The history entry of a prompt once it has finished (ComfyServer.run's wait, for a prompt queued elsewhere)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        history = server.get(f"/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-            return history[prompt_id]
-        time.sleep(0.2)
-    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s:\n{server.log()[-3000:]}")
 
 
 def workflow_path(name: str) -> Path:

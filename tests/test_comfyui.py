@@ -8,7 +8,6 @@ CONDITIONING of the right shapes.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -490,16 +489,7 @@ def test_server_loads_the_pack_and_serves_object_info(server):
 @pytest.mark.parametrize("name", comfy_env.workflow_names())
 def test_server_runs_the_workflow(server, name):
     graph = comfy_env.for_tiny_models(comfy_env.load_workflow(name)[1])
-    result = server.run(graph)
-    assert result["status"]["status_str"] == "success", json.dumps(result["status"], indent=1)[-3000:]
-    outputs = result["outputs"]
-    saved = [img for out in outputs.values() for img in out.get("images", []) if img["type"] == "output"]
-    assert saved, f"{name}: no image saved"
-    for img in saved:
-        assert (server.log_path.parent / "output" / img["subfolder"] / img["filename"]).is_file()
-    texts = [t for out in outputs.values() for t in out.get("text", [])]
-    if name != "drm_stepwise_ksampler":  # sigma -1 in the workflows: the DiNa-LRM's recommended sigma
-        assert any("DRM scores at sigma" in t and "(model's recommendation" in t for t in texts), texts
+    comfy_env.check_workflow_run(server, name, server.run(graph))
     assert "lora key not loaded" not in server.log()
 
 

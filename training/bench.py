@@ -25,6 +25,8 @@ from drm_core import (DEFAULT_BRANCH_RANGE, DEFAULT_K, DEFAULT_PLAIN_NOISE_LEVEL
                       flow_sigmas, read_backbone_config, stepwise_sample)
 from drm_core.keys import to_stability
 
+from .memory_model import format_memory_table, memory_model
+
 log = logging.getLogger(__name__)
 
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -247,6 +249,7 @@ def run(args: argparse.Namespace) -> int:
               "sd35m_flop_model": sd35m_flop_model(**({"depths": (21,), "sizes_px": (512,)} if args.quick else {})),
               "grpo_iteration": bench_grpo_iteration(args.repeats),
               "drm_training": bench_drm_training(args.repeats),
+              "memory_model": memory_model(quick=args.quick),
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "threads": torch.get_num_threads(), "torch": torch.__version__}
     out = Path(args.out)
@@ -273,6 +276,10 @@ def format_table(result: dict) -> str:
                   "| px | DRM blocks | DRM / generator FLOPs | k = 6, every step | default |", "|---|---|---|---|---|"]
         lines += [f"| {r['px']} | {r['drm_blocks']} | {r['drm_to_generator_flops']:.2f} | {r['k6_full_range']:.2f}x | "
                   f"{r['default']:.2f}x |" for r in result["sd35m_flop_model"]]
+    if result.get("memory_model"):
+        m = result["memory_model"]
+        lines += ["", f"Memory model, SD3.5-M bf16 + DRM, ComfyUI step-wise sampling (GiB, incl. {m['overhead_gb']} GB "
+                  "assumed CUDA/ComfyUI overhead; docs/memory.md):", "", format_memory_table(m["bf16"] + m["fp8_drm"])]
     g, d = result["grpo_iteration"], result["drm_training"]
     lines += ["", f"Step-GRPO {g['step_grpo_seconds']:.2f} s vs GRPO {g['grpo_seconds']:.2f} s per optimisation step "
               f"({g['ratio']:.1f}x), {g['prompts']} prompts x group {g['group']}, {g['steps']} steps",

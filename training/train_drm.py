@@ -10,9 +10,7 @@ that the cache's latents and embeddings have the shapes that architecture takes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
