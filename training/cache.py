@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from drm_core import DRMError
 
 from .cache_format import CacheWriter
+from .checkpointing import check_writable
 from .data import ImageReader, PreferenceData, describe_image, load_preferences
 from .encoders import (CONTEXT_DIM, CONTEXT_TOKENS, POOLED_DIM, ImageEncoder, SD3TextEncoder, SD3VAEEncoder,
                        TextEncoder, check_resolution)
@@ -107,18 +107,6 @@ def run(args: argparse.Namespace) -> int:
                 text_scheme=SD3TextEncoder.scheme, settings=settings, batch_size=args.batch_size,
                 shard_size=args.shard_size, store_dtype=DTYPES[args.store_dtype])
     return 0
-
-
-def check_writable(folder: str | Path, what: str) -> Path:
-    """Create `folder` if needed and write a test file there, or raise naming `what` and the folder."""
-    path = Path(folder).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise DRMError(f"{what} {folder}: cannot write there ({err}); choose a writable folder") from err
-    return path
 
 
 def data_digest(data: PreferenceData) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -89,3 +90,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": groups}
+
+
+def check_writable(folder: str | Path, what: str) -> Path:
+    """Create `folder` if needed and write a test file there, or raise naming `what` and the folder."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise DRMError(f"{what} {folder}: cannot write there ({err}); choose a writable folder") from err
+    return path

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +21,7 @@ from torch import Tensor
 from drm_core import BackboneConfig, DRMError, read_backbone_config, read_drm_header
 from drm_core.checkpoint import atomic_save_file
 
+from .checkpointing import check_writable
 from .sd3_files import open_text_encoders, open_vae
 
 if TYPE_CHECKING:
@@ -115,7 +114,7 @@ def check_inputs(config: TrainGRPOConfig) -> CheckedInputs:
     if prompts.cache and not Path(prompts.cache).is_dir():
         raise DRMError(f"prompts.cache = {prompts.cache}: no such folder (expected a folder with {EMBEDDINGS_FILE})")
     vae, note = _resolve_vae(policy.vae, policy.base, cfg.eval_images)
-    _check_writable(Path(config.out))
+    check_writable(config.out, "out =")
     return CheckedInputs(backbone, texts, vae, note)
 
 
@@ -181,16 +180,6 @@ def _resolve_vae(vae: str, base: str, eval_images: int) -> tuple[Path | None, st
     except DRMError as err:
         return None, f"policy.vae is not set and policy.base has no usable VAE ({err})"
     return Path(base), f"the VAE inside policy.base = {base}"
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise DRMError(f"out = {out}: cannot write there ({err})") from err
 
 
 # ----------------------------------------------------------------------------- prompt embeddings

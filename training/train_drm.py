@@ -22,9 +22,8 @@ from drm_core import (DRM, BackboneConfig, DRMError, add_noise, drm_from_base, l
                       read_drm_header, save_drm, shift_sigma)
 from drm_core.model import DRMConfig, HeadConfig
 
-from .cache import check_writable
 from .cache_format import PreferenceCache
-from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpointing import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
 from .evaluate import pairwise_accuracy
 from .metrics import MetricLogger
