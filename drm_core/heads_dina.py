@@ -93,7 +93,7 @@ class FiLMAdapter(nn.Module):
 
     def forward(self, tokens: Tensor, temb: Tensor) -> Tensor:
         gamma, beta = self.cond_mlp(temb).unsqueeze(1).chunk(2, dim=-1)  # [B, 1, W] each
-        return self.proj(self.proj_in(tokens) * (1 + gamma) + beta + self.layer_embed)
+        return self.proj(self.proj_in(tokens) * (1 + gamma) + beta + self.layer_embed.to(tokens))
 
 
 def _gate(dim: int) -> nn.Sequential:
@@ -162,7 +162,7 @@ class DinaRewardHead(nn.Module):
         t = None
         if self.agg_text is not None:
             t = self.agg_text(torch.cat([a(x, temb) for a, x in zip(self.layer_adapters_text, text)], dim=-1))
-        q = self.query_tokens.expand(v.shape[0], -1, -1)  # [B, Q, W]
+        q = self.query_tokens.to(v).expand(v.shape[0], -1, -1)  # [B, Q, W]
         q = self.attn2(self.attn1(q, v, t), v)
         q = q + self.ff(self.norm_ff(q))
         return self.head(q).mean(dim=1).squeeze(-1)  # [B]

@@ -36,6 +36,11 @@ from .latents import batch_sigma, is_host_scalar, sigma_to_timestep
 from .scoring import ScoringConvention
 
 
+ACTIVATION_FACTOR = 16
+"""Live activation bytes of a DRM forward, per latent, in units of (image + text tokens) x hidden x dtype bytes:
+13.1-13.8 measured for SD3.5-M-sized DRMs (6 and 21 blocks, 512 and 1024 px; training/memory_model.py)."""
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """Architecture of the (truncated) SD3-family MMDiT, as inferred from a base checkpoint."""
@@ -193,6 +198,8 @@ class DRM(nn.Module):
             config.head.check_backbone(b)
         self.head = build_head(config)
         self.gradient_checkpointing = False
+        self.compute_device: torch.device | None = None  # set by a host that keeps weights elsewhere (partial loads)
+        self.compute_dtype: torch.dtype | None = None  # set when weights are stored in another dtype (fp8)
         for name, param in self.named_parameters():
             if name in self.unused_parameter_names():
                 param.requires_grad_(False)
@@ -209,10 +216,15 @@ class DRM(nn.Module):
         prefixes = (f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.ff_context.")
         return {n for n, _ in self.named_parameters() if n.startswith(prefixes)}
 
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) inputs run in: compute_device / compute_dtype when a host set them, else the weights'."""
+        param = next(self.parameters())
+        return self.compute_device or param.device, self.compute_dtype or param.dtype
+
     def embed_prompt(self, context: Tensor, pooled: Tensor) -> PromptEmbedding:
         """The prompt-only part of the forward pass (context_embedder, pooled projection), done once."""
-        param = next(self.parameters())
-        context, pooled = context.to(param.device, param.dtype), pooled.to(param.device, param.dtype)
+        device, dtype = self.placement()
+        context, pooled = context.to(device, dtype), pooled.to(device, dtype)
         return PromptEmbedding(self.context_embedder(context), self.time_text_embed.text_embedder(pooled))
 
     def run_backbone(self, latents: Tensor, sigma: Tensor, context: Tensor | PromptEmbedding, pooled: Tensor | None,
@@ -221,7 +233,7 @@ class DRM(nn.Module):
         last image tokens [B, HW/p^2, D], the time+pooled embedding temb [B, D], and {n: (image tokens,
         text tokens)} after block n (1-based; 0 = the embedded inputs) for every n in `taps`."""
         prompt = context if isinstance(context, PromptEmbedding) else self.embed_prompt(context, pooled)
-        h = self.pos_embed(latents).contiguous()  # [B, HW/p^2, D]
+        h = self.embed_latents(latents)  # [B, HW/p^2, D]
         t = self.time_text_embed.time_proj(sigma_to_timestep(sigma))  # as CombinedTimestepTextProjEmbeddings
         temb = self.time_text_embed.timestep_embedder(t.to(prompt.pooled.dtype)) + prompt.pooled  # [B, D]
         c = prompt.context  # [B, N, D]
@@ -234,6 +246,14 @@ class DRM(nn.Module):
             if i + 1 in taps:
                 tapped[i + 1] = (h, c)
         return h, temb, tapped
+
+    def embed_latents(self, latents: Tensor) -> Tensor:
+        """Patch embedding plus the centre crop of the position table ([B, 16, H, W] -> [B, HW/p^2, D]), as
+        diffusers' PatchEmbed, with only the crop moved to the input (the table may sit off the device)."""
+        pe = self.pos_embed
+        h = pe.proj(latents).flatten(2).transpose(1, 2)  # [B, HW/p^2, D]
+        table = pe.cropped_pos_embed(*latents.shape[-2:])  # [1, HW/p^2, D]
+        return (h + table.to(h.device)).to(h.dtype).contiguous()
 
     def features(self, latents: Tensor, sigma: Tensor, context: Tensor | PromptEmbedding,
                  pooled: Tensor | None) -> Tensor:
@@ -259,11 +279,21 @@ class DRM(nn.Module):
             return self.head(image, text, temb).float()
         return self.head(self.features(latents, sigma, context, pooled)).float()
 
-    def score(self, latents: Tensor, sigma: Tensor | float, context: Tensor, pooled: Tensor) -> Tensor:
+    def score(self, latents: Tensor, sigma: Tensor | float, context: Tensor, pooled: Tensor,
+              chunk: int | None = None) -> Tensor:
         """Validated, batched scoring: latents [B, 16, H, W] model space; sigma scalar or [B];
-        context [B|1, N, 4096]; pooled [B|1, 2048] -> scores [B] float32."""
+        context [B|1, N, 4096]; pooled [B|1, 2048] -> scores [B] float32, `chunk` latents per forward."""
         latents, sigma, context, pooled = self.prepare_inputs(latents, sigma, context, pooled)
-        return self(latents, sigma, context, pooled)
+        step = len(latents) if chunk is None else max(1, int(chunk))
+        return torch.cat([self(latents[i:i + step], sigma[i:i + step], context[i:i + step], pooled[i:i + step])
+                          for i in range(0, len(latents), step)])
+
+    def activation_bytes(self, batch: int, height: int, width: int, text_tokens: int = 154) -> int:
+        """Peak activation bytes of one inference forward on `batch` latents [.., height, width] (upper bound:
+        ACTIVATION_FACTOR x tokens x width x dtype bytes per latent, from meta-device measurements)."""
+        b = self.config.backbone
+        tokens = (height // b.patch_size) * (width // b.patch_size) + text_tokens
+        return ACTIVATION_FACTOR * batch * tokens * b.hidden * self.placement()[1].itemsize
 
     def score_embedded(self, latents: Tensor, sigma: Tensor | float, prompt: PromptEmbedding) -> Tensor:
         """`score` with the prompt embedded once by `embed_prompt` (rows broadcast or repeated per candidate)."""
@@ -292,12 +322,12 @@ class DRM(nn.Module):
         if height % p or width % p or height // p > m or width // p > m:
             raise DRMError(f"DRM.score: latent size {height}x{width} must be divisible by patch size {p} and at "
                            f"most {m * p} per side (pos_embed_max_size {m})")
-        param = next(self.parameters())
+        device, dtype = self.placement()
         if is_host_scalar(sigma):  # checked on the host, filled on the device: no transfer, no sync
-            sigma = torch.full((batch,), float(batch_sigma(sigma, latents, device="cpu")), device=param.device)
+            sigma = torch.full((batch,), float(batch_sigma(sigma, latents, device="cpu")), device=device)
         else:
-            sigma = batch_sigma(sigma, latents).flatten().expand(batch).to(param.device)
-        return latents.to(param.device, param.dtype), sigma
+            sigma = batch_sigma(sigma, latents).flatten().expand(batch).to(device)
+        return latents.to(device, dtype), sigma
 
 
 def _batched(t: Tensor, batch: int, ndim: int, dim: int, what: str) -> Tensor:

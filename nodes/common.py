@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import comfy.model_base
-import comfy.model_management
 import comfy.model_patcher
 import torch
 from torch import Tensor
@@ -25,13 +24,10 @@ CATEGORY = "DRM"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 
-def unwrap_drm(patcher, node: str, load: bool = True) -> DRM:
-    """The DRM inside a DRM_MODEL input; with load=True first loaded fully on ComfyUI's device (its layers are
-    plain nn.Linear, which ComfyUI's partial low-VRAM loading cannot cast, hence force_full_load)."""
+def unwrap_drm(patcher, node: str) -> DRM:
+    """The DRM inside a DRM_MODEL input (loading is the caller's: nodes/memory.py budgets it with ComfyUI)."""
     if not isinstance(patcher, comfy.model_patcher.ModelPatcher) or not isinstance(patcher.model, DRM):
         raise ValueError(f"{node}: the 'drm' input must come from a DRMLoader node, got {type(patcher).__name__}")
-    if load:
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     return patcher.model
 
 

@@ -22,6 +22,7 @@ from ..drm_core import (DEFAULT_BRANCH_RANGE, DEFAULT_K, DEFAULT_PLAIN_NOISE_LEV
                         stepwise_sample)
 from .common import (CATEGORY, DRM_TYPE, SEED_MAX, check_latent, check_model_matches, drm_conditioning, named,
                      per_image, unwrap_drm)
+from .memory import attach_drm, load_with_generator
 from .plot import trace_plot
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
     `model(x, sigma * ones[B], **extra_args)` returns the CFG-combined x0; v = (x - x0) / sigma.
     """
     extra_args = {} if extra_args is None else extra_args
-    guider = getattr(model, "inner_model", None)
-    check_model_matches(getattr(guider, "inner_model", None), unwrap_drm(drm, node, load=False), node)
-    reward_model = unwrap_drm(drm, node)  # after the generator: both stay on the device
+    guider = getattr(model, "inner_model", None)  # the CFG guider: its model_patcher was loaded for sampling
+    reward_model = unwrap_drm(drm, node)
+    check_model_matches(getattr(guider, "inner_model", None), reward_model, node)
+    load_with_generator(guider.model_patcher, drm, x.shape, k, context.shape[1])
     batch = x.shape[0]
     prompt = reward_model.embed_prompt(per_image(context, batch), per_image(pooled, batch))  # once per run
 
@@ -89,7 +91,7 @@ def sample_stepwise(model, x, sigmas, extra_args=None, callback=None, disable=No
 def sampler_options(drm, conditioning, k, noise_level, branch_start, branch_end, branch_every, outside_range,
                     node) -> dict:
     """Validated KSAMPLER extra_options shared by both nodes."""
-    reward_model = unwrap_drm(drm, node, load=False)
+    reward_model = unwrap_drm(drm, node)
     context, pooled = drm_conditioning(conditioning, reward_model, node)
     if branch_start > branch_end:
         raise ValueError(f"{node}: branch_start ({branch_start}) must not exceed branch_end ({branch_end})")
@@ -189,11 +191,12 @@ class DRMStepwiseKSampler:
     def sample(self, model, drm, positive, negative, latent_image, seed, steps, cfg, scheduler, k, noise_level,
                branch_start, branch_end, branch_every, outside_range, denoise, reward_conditioning=None):
         node = "DRMStepwiseKSampler"
-        reward_model = unwrap_drm(drm, node, load=False)
+        reward_model = unwrap_drm(drm, node)
         check_model_matches(model.model, reward_model, node)
         trace: list[StepRecord] = []
         options = sampler_options(drm, reward_conditioning or positive, k, noise_level, branch_start, branch_end,
                                   branch_every, outside_range, node)
+        model = attach_drm(model, drm, k, options["context"].shape[1])  # loaded and budgeted with the generator
         sampler = comfy.samplers.KSAMPLER(sample_stepwise, extra_options={**options, "trace": trace})
         samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         check_latent(samples, reward_model, node, "latent_image")

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..drm_core import DRM, DRMError, add_noise, to_model_space
 from .common import (CATEGORY, DRM_TYPE, SEED_MAX, check_drm_kind, check_latent, drm_conditioning, named, per_image,
                      unwrap_drm)
+from .memory import load_for_scoring
 
 AUTO_SIGMA = -1.0
 SCORE_INPUTS = {
@@ -48,8 +49,9 @@ def score_latents(drm_patcher, raw: Tensor, conditioning, sigma: float, seed: in
     if sigma > 0:
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         x = add_noise(x, noise, sigma)
+    chunk = load_for_scoring(drm_patcher, batch, *x.shape[-2:], context.shape[1])
     try:
-        scores = drm.score(x, sigma, per_image(context, batch), per_image(pooled, batch)).cpu().tolist()
+        scores = drm.score(x, sigma, per_image(context, batch), per_image(pooled, batch), chunk).cpu().tolist()
     except DRMError as err:
         raise named(node, err) from err
     return scores, summarize(scores, sigma, source)

@@ -16,7 +16,7 @@ def test_quick_bench_writes_overheads_and_bounds(tmp_path, capsys):
     assert 3.4 < sd35m["k6_full_range"] < 3.8 and 1.8 < sd35m["default"] < 2.0  # the paper measured 3.4x for k = 6
     assert result["grpo_iteration"]["ratio"] > 0 and result["drm_training"]["pairs_per_second_cached"] > 0
     out = capsys.readouterr().out
-    assert "FLOP bound" in out and "| 512 | 21 | 6 | fp8 (planned) |" in out
+    assert "FLOP bound" in out and "| 512 | 21 | 6 | fp8 |" in out
     memory = result["memory_model"]  # quick: 512 px, 21 blocks, k = 2 and 6
     assert [(r["px"], r["drm_blocks"], r["k"]) for r in memory["bf16"]] == [(512, 21, 2), (512, 21, 6)]
     assert memory["bf16"][0]["fits"] == {"8": False, "12": True, "16": True, "24": True}

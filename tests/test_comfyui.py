@@ -265,6 +265,140 @@ def test_interrupt_during_sampling_stops_it(env, torch, model, drm, prompts):
     assert len(calls) == 2  # stopped right after the interrupt, not at the end of the 8 steps
 
 
+# ------------------------------------------------------------------------------------------ memory (issue 14)
+
+def record_loads(monkeypatch, torch):
+    """Events in order: ("load", models, memory_required) for every load_models_gpu call and ("step", loaded
+    patchers) at every generator evaluation."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    events = []
+    real_load = mm.load_models_gpu
+
+    def load(models, memory_required=0, *args, **kwargs):
+        events.append(("load", list(models), memory_required))
+        return real_load(models, memory_required, *args, **kwargs)
+
+    real_apply = comfy.model_base.BaseModel.apply_model
+
+    def apply_model(self, *args, **kwargs):
+        events.append(("step", list(mm.loaded_models())))
+        return real_apply(self, *args, **kwargs)
+
+    import comfy.model_base
+    monkeypatch.setattr(mm, "load_models_gpu", load)
+    monkeypatch.setattr(comfy.model_base.BaseModel, "apply_model", apply_model)
+    mm.unload_all_models()
+    return events
+
+
+def test_drm_is_budgeted_with_the_generator_before_the_first_step(env, torch, model, drm, prompts, monkeypatch):
+    """All-in-one: ComfyUI loads MODEL and DRM in one call whose estimate covers the DRM on k * B candidates;
+    both are in the loaded-model list at the first step and nothing loads after it."""
+    import comfy.sampler_helpers
+
+    events = record_loads(monkeypatch, torch)
+    latent, (pos, neg), k = empty_latent(env, batch=2), prompts, 24  # enough candidates to outweigh CFG
+    env.node("DRMStepwiseKSampler").sample(model, drm, pos, neg, latent, 5, 4, 2.5, "simple", k, 0.7, 0.0, 1.0, 1,
+                                           "sde", 1.0)
+    first_step = next(i for i, e in enumerate(events) if e[0] == "step")
+    loads = [e for e in events[:first_step] if e[0] == "load" and any(m is drm for m in e[1])]
+    assert len(loads) == 1 and any(m.is_clone(model) for m in loads[0][1])
+    conds = {"positive": comfy.sampler_helpers.convert_cond(pos)}
+    plain = comfy.sampler_helpers.estimate_memory(model, (2, 16, 8, 8), conds)[0]  # ComfyUI's own, for MODEL alone
+    activations = drm.model.activation_bytes(k * 2, 8, 8, pos[0][0].shape[1])
+    assert loads[0][2] >= activations > plain
+    assert all(any(m is drm for m in e[1]) and any(m.is_clone(model) for m in e[1]) for e in events if e[0] == "step")
+    assert not [e for e in events[first_step:] if e[0] == "load"]
+
+
+def test_sampler_node_loads_the_drm_next_to_the_generator_before_the_first_step(env, torch, model, drm, prompts,
+                                                                              monkeypatch):
+    events = record_loads(monkeypatch, torch)
+    sample_custom(env, model, stepwise_sampler(env, drm, prompts[0], k=3), prompts, empty_latent(env))
+    first_step = next(i for i, e in enumerate(events) if e[0] == "step")
+    loads = [e for e in events[:first_step] if e[0] == "load" and any(m is drm for m in e[1])]
+    assert len(loads) == 1 and any(m.is_clone(model) for m in loads[0][1])
+    assert not [e for e in events[first_step:] if e[0] == "load"]
+
+
+def test_partially_loaded_models_sample_the_same_latents(env, torch, model, drm, prompts, monkeypatch):
+    """--lowvram on CPU: ComfyUI's own ModelPatcher.load with a budget of a third of each model (generator and DRM),
+    so a share of their layers stays on the offload side and is cast per call; latents equal a full load's."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    latent, (pos, neg) = empty_latent(env, batch=2), prompts
+    args = (5, 4, 2.5, "simple", 3, 0.7, 0.0, 1.0, 1, "sde", 1.0)
+    full = env.node("DRMStepwiseKSampler").sample(model, drm, pos, neg, latent, *args)[0]["samples"]
+    real_load, partial = comfy.model_patcher.ModelPatcher.load, []
+
+    def lowvram_load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        real_load(self, device_to, max(1, self.model_size() // 3), force_patch_weights, False)
+        partial.append((self.model.__class__.__name__, self.model.model_lowvram))
+
+    mm.unload_all_models()
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", lowvram_load)
+    low = env.node("DRMStepwiseKSampler").sample(model, drm, pos, neg, latent, *args)[0]["samples"]
+    mm.unload_all_models()
+    assert ("DRM", True) in partial and any(name != "DRM" and low for name, low in partial)
+    torch.testing.assert_close(low, full, rtol=0, atol=0)
+
+
+def test_partially_loaded_drm_scores_exactly_like_a_full_load(env, torch, prompts):
+    """ComfyUI's own partial load (a quarter of the DRM's bytes on the device, the rest cast per call)."""
+    import comfy.model_management as mm
+    from drm_core import to_model_space
+
+    x = to_model_space(torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(3)))
+    context, pooled = prompts[0][0][0], prompts[0][0][1]["pooled_output"]
+    loader = env.node("DRMLoader")
+    reference = loader.load(DRM_FILE, "fp32")[0].model.score(x, 0.3, context, pooled)
+    patcher = loader.load(DRM_FILE, "fp32")[0]
+    mm.unload_all_models()
+    patcher.patch_model(patcher.load_device, lowvram_model_memory=patcher.model_size() // 4)
+    try:
+        cast = [m for m in patcher.model.modules() if getattr(m, "comfy_cast_weights", False)]
+        assert patcher.model.model_lowvram and len(cast) > 10
+        torch.testing.assert_close(patcher.model.score(x, 0.3, context, pooled), reference, rtol=0, atol=0)
+    finally:
+        patcher.unpatch_model(patcher.offload_device)
+
+
+def test_fp8_drm_loads_scores_close_to_fp32_and_guides_sampling(env, torch, model, prompts):
+    loader, node = env.node("DRMLoader"), env.node("DRMScoreLatent")
+    fp8 = loader.load(DRM_FILE, "fp8_e4m3fn")[0]
+    matrices = [m.weight for m in fp8.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert matrices and all(w.dtype == torch.float8_e4m3fn for w in matrices)
+    assert fp8.model_size() < 0.5 * loader.load(DRM_FILE, "fp32")[0].model_size()
+    raw = torch.randn(16, 16, 8, 8, generator=torch.Generator().manual_seed(4))
+    reference = torch.tensor(node.score(loader.load(DRM_FILE, "fp32")[0], {"samples": raw}, prompts[0], 0.0, 0)[0])
+    scores = torch.tensor(node.score(fp8, {"samples": raw}, prompts[0], 0.0, 0)[0])
+    assert torch.corrcoef(torch.stack([reference, scores]))[0, 1] > 0.99
+    pos, neg = prompts
+    out = env.node("DRMStepwiseKSampler").sample(model, fp8, pos, neg, empty_latent(env), 5, 4, 2.5, "simple", 3,
+                                                 0.7, 0.0, 1.0, 1, "sde", 1.0)[0]["samples"]
+    assert torch.isfinite(out).all()
+
+
+def test_scoring_runs_in_chunks_sized_from_free_memory(env, torch, drm, prompts, monkeypatch):
+    import comfy.model_management as mm
+
+    raw = torch.randn(7, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    node = env.node("DRMScoreLatent")
+    whole = node.score(drm, {"samples": raw}, prompts[0], 0.0, 0)[0]
+    per_latent = drm.model.activation_bytes(1, 8, 8, prompts[0][0][0].shape[1])
+    monkeypatch.setattr(mm, "get_free_memory", lambda *a, **k: 3 * per_latent)
+    batches = []
+    forward = type(drm.model).forward
+    monkeypatch.setattr(type(drm.model), "forward", lambda self, x, *a, **k: batches.append(len(x)) or
+                        forward(self, x, *a, **k))
+    chunked = node.score(drm, {"samples": raw}, prompts[0], 0.0, 0)[0]
+    assert batches == [3, 3, 1]
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 
 def test_score_latent_equals_drm_core(env, torch, drm, prompts):

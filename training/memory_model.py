@@ -34,9 +34,6 @@ TEXT_TOKENS = 154  # ComfyUI's SD3 conditioning: 77 CLIP + 77 T5 tokens
 DRM_DEPTHS = (21, 12, 6)
 SIZES_PX = (512, 1024)
 KS = (2, 4, 6)
-FP8_DRM_STATUS = "planned"
-"""The DRM is built from plain nn.Linear layers, which ComfyUI cannot store in fp8 (only comfy.ops layers): the fp8
-rows are what an fp8 DRM would need, not something the pack offers today."""
 
 
 class LiveBytes(TorchDispatchMode):
@@ -176,7 +173,8 @@ def memory_table(drm_dtype: str = "bf16", sizes_px: tuple[int, ...] = SIZES_PX,
                  depths: tuple[int, ...] = DRM_DEPTHS, ks: tuple[int, ...] = KS,
                  overhead_gb: float = OVERHEAD_GB) -> list[dict]:
     """One row per (px, DRM blocks, k): weights, activations, peak (GB) and which cards of CARDS_GB it fits.
-    The generator is bf16; `drm_dtype` "bf16" (today) or "fp8" (1 byte per weight matrix: planned)."""
+    The generator is bf16; `drm_dtype` "bf16" or "fp8" (DRMLoader's fp8 options: 1 byte per weight matrix,
+    biases, norms and the position table in the bf16 compute dtype)."""
     if drm_dtype not in ("bf16", "fp8"):
         raise ValueError(f"memory_table: drm_dtype must be 'bf16' or 'fp8', got {drm_dtype!r}")
     gen_weights = weight_bytes(sd35m_generator())
@@ -192,7 +190,6 @@ def memory_table(drm_dtype: str = "bf16", sizes_px: tuple[int, ...] = SIZES_PX,
                 activation = max(gen_act, drm_act) / GB
                 peak = weights + activation + latents / GB + overhead_gb
                 rows.append({"px": px, "drm_blocks": depth, "k": k, "drm_dtype": drm_dtype,
-                             "status": FP8_DRM_STATUS if drm_dtype == "fp8" else "available",
                              "weights_gb": weights, "generator_activation_gb": gen_act / GB,
                              "drm_activation_gb": drm_act / GB, "activation_gb": activation, "peak_gb": peak,
                              "fits": {card: peak <= card for card in CARDS_GB}})
@@ -234,7 +231,7 @@ def format_memory_table(rows: list[dict]) -> str:
     lines = [f"| px | DRM blocks | k | DRM dtype | weights GB | activations GB | peak GB | {cards} |",
              "|---|---|---|---|---|---|---|" + "---|" * len(CARDS_GB)]
     for r in rows:
-        dtype = r["drm_dtype"] + (" (planned)" if r["status"] == "planned" else "")
+        dtype = r["drm_dtype"]
         fits = " | ".join("yes" if r["fits"][c] else "no" for c in CARDS_GB)
         lines.append(f"| {r['px']} | {r['drm_blocks']} | {r['k']} | {dtype} | {r['weights_gb']:.2f} | "
                      f"{r['activation_gb']:.2f} | {r['peak_gb']:.2f} | {fits} |")
