@@ -1,20 +1,19 @@
-"""ComfyUI nodes of the DRM pack: thin adapters over drm_core (imported relatively, never as `nodes`).
+"""ComfyUI nodes of the DRM pack (V3 schema): thin adapters over drm_core, imported relatively, never as `nodes`.
 
-Inside ComfyUI this registers the six DRM nodes and the models/drm folder. Outside ComfyUI (no
-`comfy` / `folder_paths` to import) the mappings stay empty and the reason is logged, so the pack
-root still imports and drm_core / training work on their own.
+Inside ComfyUI, `comfy_entrypoint` returns the extension that registers the models/drm folder and the six DRM
+nodes. Outside ComfyUI (no `comfy_api` to import) nothing is defined and the reason is logged, so the pack root
+still imports and drm_core / training work on their own.
 """
 
 import logging
 
 log = logging.getLogger(__name__)
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+NODE_IDS = ("DRMLoader", "DRMScoreLatent", "DRMScoreImage", "DRMSelectBest", "DRMStepwiseSampler",
+            "DRMStepwiseKSampler")
 
 try:
-    import comfy.model_management  # noqa: F401  (present only inside a ComfyUI process)
-    import folder_paths  # noqa: F401
+    from comfy_api.latest import ComfyExtension  # present only inside a ComfyUI process
 except ImportError as err:
     log.info("DRM nodes not registered: ComfyUI is not importable here (%s). drm_core and training work without it.",
              err)
@@ -23,20 +22,14 @@ else:
     from .sampler import DRMStepwiseKSampler, DRMStepwiseSampler
     from .score import DRMScoreImage, DRMScoreLatent, DRMSelectBest
 
-    register_drm_folder()
-    NODE_CLASS_MAPPINGS.update({
-        "DRMLoader": DRMLoader,
-        "DRMScoreLatent": DRMScoreLatent,
-        "DRMScoreImage": DRMScoreImage,
-        "DRMSelectBest": DRMSelectBest,
-        "DRMStepwiseSampler": DRMStepwiseSampler,
-        "DRMStepwiseKSampler": DRMStepwiseKSampler,
-    })
-    NODE_DISPLAY_NAME_MAPPINGS.update({
-        "DRMLoader": "Load DRM (reward model)",
-        "DRMScoreLatent": "DRM Score Latent",
-        "DRMScoreImage": "DRM Score Image",
-        "DRMSelectBest": "DRM Select Best (top-k)",
-        "DRMStepwiseSampler": "DRM Step-wise Sampler",
-        "DRMStepwiseKSampler": "DRM Step-wise KSampler (all-in-one)",
-    })
+    class DRMExtension(ComfyExtension):
+        """The pack as a ComfyUI V3 extension."""
+
+        async def get_node_list(self) -> list[type]:
+            return [DRMLoader, DRMScoreLatent, DRMScoreImage, DRMSelectBest, DRMStepwiseSampler,
+                    DRMStepwiseKSampler]
+
+    async def comfy_entrypoint() -> DRMExtension:
+        """Called once by ComfyUI's loader: models/drm is registered before the node schemas list it."""
+        register_drm_folder()
+        return DRMExtension()

@@ -6,11 +6,14 @@ and what it expected, in ComfyUI style (ValueError / RuntimeError with a readabl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.model_base
 import comfy.model_patcher
 import torch
+import numpy as np
+from comfy_api.latest import io, ui
 from torch import Tensor
 
 from ..drm_core import DRM, DRMError
@@ -19,9 +22,34 @@ log = logging.getLogger(__name__)
 
 DRM_TYPE = "DRM_MODEL"
 """ComfyUI socket type of a loaded DRM: a ModelPatcher whose `.model` is a drm_core.DRM."""
+DRMModel = io.Custom(DRM_TYPE)
 
 CATEGORY = "DRM"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(*, aliases: list[str], **fields) -> io.Schema:
+    """io.Schema in the DRM category; search aliases go to ComfyUI versions whose schema has them (newer
+    than 0.3.64, whose frontend searches node ids and display names only)."""
+    if "search_aliases" in SCHEMA_FIELDS:
+        fields["search_aliases"] = aliases
+    return io.Schema(category=CATEGORY, **fields)
+
+
+def preview(picture: np.ndarray, text: str) -> dict:
+    """Node UI: `picture` ([H, W, 3] uint8) shown on the node (every frontend), plus `text` (frontends that
+    show text)."""
+    image = torch.from_numpy(picture).float().div(255).unsqueeze(0)  # [1, H, W, 3]
+    return {**ui.PreviewImage(image).as_dict(), **ui.PreviewText(text).as_dict()}
+
+
+def drm_input(tooltip: str = "The reward model from DRMLoader.") -> io.Input:
+    return DRMModel.Input("drm", tooltip=tooltip)
+
+
+def seed_input(tooltip: str) -> io.Input:
+    return io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True, tooltip=tooltip)
 
 
 def unwrap_drm(patcher, node: str) -> DRM:

@@ -36,6 +36,48 @@ def trace_plot(trace: list[StepRecord], n_steps: int, width: int = 768, height: 
     return np.array(image)
 
 
+def trace_summary(trace: list[StepRecord]) -> str:
+    """One line per image: how many steps branched, the last chosen score and the mean margin."""
+    branched = [r for r in trace if r.branched and r.score is not None]
+    if not branched:
+        return "No branched steps (k = 1 or an empty branch range): nothing was scored."
+    lines = [f"Branched {len(branched)} of {len(trace)} steps (sigma {branched[0].sigma:.3f} to "
+             f"{branched[-1].sigma_next:.3f}); per image: last chosen score, mean best-minus-second margin"]
+    for b in range(len(branched[0].score)):
+        margin = sum(float(r.margin[b]) for r in branched) / len(branched)
+        lines.append(f"  image {b}: {float(branched[-1].score[b]):+.4f}, margin {margin:.4f}")
+    return "\n".join(lines)
+
+
+def scores_plot(scores: list[float], kept: list[int] | None = None, width: int = 512, height: int = 240) -> np.ndarray:
+    """[height, width, 3] uint8: one bar per batch item (batch order) from the lowest score; the best item, or
+    the kept ones, in colour and labelled."""
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    highlight = set(kept) if kept is not None else {max(range(len(scores)), key=scores.__getitem__)}
+    left, top, right, bottom = 56, 28, width - 12, height - 26
+    lo, hi = min(scores), max(scores)
+    lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-12 else (lo - 0.1 * (hi - lo), hi + 0.15 * (hi - lo))
+    title = "DRM scores, batch order" + (f" (kept {len(highlight)})" if kept is not None else " (best in colour)")
+    draw.text((left, 6), title, fill=INK, font=font)
+    for value in (lo, hi):
+        y = bottom - (bottom - top) * (value - lo) / (hi - lo)
+        draw.line([(left, y), (right, y)], fill=GRID)
+        draw.text((4, y - 7), f"{value:+.3f}", fill=INK, font=font)
+    slot = (right - left) / len(scores)
+    for i, value in enumerate(scores):
+        x0, x1 = left + i * slot + 0.15 * slot, left + (i + 1) * slot - 0.15 * slot
+        y = bottom - (bottom - top) * (value - lo) / (hi - lo)
+        draw.rectangle([x0, y, max(x1, x0 + 1), bottom], fill=COLORS[0] if i in highlight else GRID)
+        if len(scores) <= 32:
+            draw.text(((x0 + x1) / 2 - 6, bottom + 5), f"#{i}", fill=INK, font=font)
+        if len(scores) <= 12:
+            draw.text(((x0 + x1) / 2 - 20, max(y - 16, top + 2)), f"{value:+.3f}", fill=INK, font=font)
+    draw.rectangle([left, top, right, bottom], outline=INK)
+    return np.array(image)
+
+
 def _panel(draw: ImageDraw.ImageDraw, font, box, steps: list[int], values: np.ndarray, last_step: int,
            title: str) -> None:
     left, top, right, bottom = box[0] + 64, box[1] + 26, box[2] - 80, box[3] - 30

@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import torch
+from comfy_api.latest import io
 from torch import Tensor
 
 from ..drm_core import DRM, DRMError, add_noise, to_model_space
-from .common import (CATEGORY, DRM_TYPE, SEED_MAX, check_drm_kind, check_latent, drm_conditioning, named, per_image,
-                     unwrap_drm)
+from .common import (check_drm_kind, check_latent, drm_conditioning, drm_input, named, per_image, preview, schema,
+                     seed_input, unwrap_drm)
 from .memory import load_for_scoring
+from .plot import scores_plot
 
 AUTO_SIGMA = -1.0
-SCORE_INPUTS = {
-    "sigma": ("FLOAT", {
-        "default": AUTO_SIGMA, "min": AUTO_SIGMA, "max": 1.0, "step": 0.01,
-        "tooltip": "Noise level to score at. -1 = auto: the model's recommendation, stored in its file (0, the "
-                   "clean latent, for DRMs trained with train-drm; 0.1 on its timestep table, 0.100746, for "
-                   "DiNa-LRM). 0 = the clean latent. Above 0 the latent is first noised with "
-                   "x = (1 - sigma) * latent + sigma * noise, as the DRM sees intermediate steps during sampling. "
-                   "The summary says which sigma was used."}),
-    "seed": ("INT", {
-        "default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
-        "tooltip": "Seed of the noise added when the sigma used is above 0 (same seed, same scores). Unused at "
-                   "sigma 0."}),
-}
+
+
+def score_inputs() -> list[io.Input]:
+    """The sigma and seed widgets shared by both scoring nodes."""
+    return [
+        io.Float.Input("sigma", default=AUTO_SIGMA, min=AUTO_SIGMA, max=1.0, step=0.01, tooltip=(
+            "Noise level to score at. -1 = auto: the model's recommendation, stored in its file (0, the clean "
+            "latent, for DRMs trained with train-drm; 0.1 on its timestep table, 0.100746, for DiNa-LRM). 0 = the "
+            "clean latent. Above 0 the latent is first noised with x = (1 - sigma) * latent + sigma * noise, as the "
+            "DRM sees intermediate steps during sampling. The summary says which sigma was used.")),
+        seed_input("Seed of the noise added when the sigma used is above 0 (same seed, same scores). Unused at "
+                   "sigma 0."),
+    ]
+
+
+def check_sigma(sigma: float | None) -> bool | str:
+    """validate_inputs for the scoring nodes: -1 (auto) or a noise level in [0, 1]."""
+    if sigma is None or sigma == AUTO_SIGMA or 0.0 <= sigma <= 1.0:
+        return True
+    return f"sigma must be -1 (auto: the model's recommendation) or a noise level from 0 to 1, got {sigma:g}"
+
+
+SCORE_OUTPUTS = [
+    io.Float.Output("scores", display_name="scores", is_output_list=True,
+                    tooltip="One score per latent, in batch order (a list: connect it to DRMSelectBest)."),
+    io.String.Output("summary", display_name="summary",
+                     tooltip="The scores as readable text (also shown on the node)."),
+]
 
 
 def scoring_sigma(drm: DRM, sigma: float) -> tuple[float, str]:
@@ -57,6 +74,11 @@ def score_latents(drm_patcher, raw: Tensor, conditioning, sigma: float, seed: in
     return scores, summarize(scores, sigma, source)
 
 
+def scored(scores: list[float], summary: str) -> io.NodeOutput:
+    """The scoring nodes' outputs, with the scores drawn and written on the node."""
+    return io.NodeOutput(scores, summary, ui=preview(scores_plot(scores), summary))
+
+
 def summarize(scores: list[float], sigma: float, source: str) -> str:
     best = max(range(len(scores)), key=scores.__getitem__)
     lines = [f"DRM scores at sigma {sigma:.6g} ({source}), higher is preferred; batch order:"]
@@ -64,63 +86,73 @@ def summarize(scores: list[float], sigma: float, source: str) -> str:
     return "\n".join(lines)
 
 
-class DRMScoreLatent:
-    DESCRIPTION = ("Scores every latent of a batch with the DRM against a prompt: one reward per latent, in batch "
-                   "order (higher = more preferred). Works on clean latents or at any noise level; by default at "
-                   "the noise level the model's file recommends. No VAE decode needed.")
-    CATEGORY = CATEGORY
-    FUNCTION = "score"
-    RETURN_TYPES = ("FLOAT", "STRING")
-    RETURN_NAMES = ("scores", "summary")
-    OUTPUT_IS_LIST = (True, False)
-    OUTPUT_TOOLTIPS = ("One score per latent, in batch order (a list: connect it to DRMSelectBest).",
-                       "The scores as readable text (connect to a Preview Any / text display node).")
+class DRMScoreLatent(io.ComfyNode):
+    """Score every latent of a batch against a prompt."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "drm": (DRM_TYPE, {"tooltip": "The reward model from DRMLoader."}),
-            "latent": ("LATENT", {"tooltip": "SD3 latents to score (e.g. a sampler's output), any batch size."}),
-            "conditioning": ("CONDITIONING", {
-                "tooltip": "The prompt to score against: an SD3 CLIPTextEncode output (its first entry and "
-                           "pooled_output are used). Usually the sampler's positive conditioning."}),
-            **SCORE_INPUTS,
-        }}
-
-    def score(self, drm, latent, conditioning, sigma, seed):
-        return score_latents(drm, latent["samples"], conditioning, sigma, seed, "DRMScoreLatent")
-
-
-class DRMScoreImage:
-    DESCRIPTION = ("Scores every image of a batch with the DRM: the images are VAE-encoded to SD3 latents, then "
-                   "scored like DRMScoreLatent. Use it for images that were loaded or edited, not sampled.")
-    CATEGORY = CATEGORY
-    FUNCTION = "score"
-    RETURN_TYPES = ("FLOAT", "STRING")
-    RETURN_NAMES = ("scores", "summary")
-    OUTPUT_IS_LIST = (True, False)
-    OUTPUT_TOOLTIPS = DRMScoreLatent.OUTPUT_TOOLTIPS
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="DRMScoreLatent", display_name="DRM Score Latent (reward)",
+            aliases=["reward", "score latent", "aesthetic score", "preference score"],
+            description=("Scores every latent of a batch with the DRM against a prompt: one reward per latent, in "
+                         "batch order (higher = more preferred). Works on clean latents or at any noise level; by "
+                         "default at the noise level the model's file recommends. No VAE decode needed."),
+            inputs=[
+                drm_input(),
+                io.Latent.Input("latent", tooltip="SD3 latents to score (e.g. a sampler's output), any batch size."),
+                io.Conditioning.Input("conditioning", tooltip=(
+                    "The prompt to score against: an SD3 CLIPTextEncode output (its first entry and pooled_output "
+                    "are used). Usually the sampler's positive conditioning.")),
+                *score_inputs(),
+            ],
+            outputs=SCORE_OUTPUTS,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "drm": (DRM_TYPE, {"tooltip": "The reward model from DRMLoader."}),
-            "image": ("IMAGE", {"tooltip": "Images to score (any batch size); sides should be multiples of 16 px."}),
-            "vae": ("VAE", {"tooltip": "An SD3 VAE (16-channel latents), e.g. the one in sd3.5_medium.safetensors."}),
-            "conditioning": ("CONDITIONING", {
-                "tooltip": "The prompt to score against: an SD3 CLIPTextEncode output (its first entry and "
-                           "pooled_output are used)."}),
-            **SCORE_INPUTS,
-        }}
+    def validate_inputs(cls, sigma: float | None = None) -> bool | str:
+        return check_sigma(sigma)
 
-    def score(self, drm, image, vae, conditioning, sigma, seed):
-        node = "DRMScoreImage"
+    @classmethod
+    def execute(cls, drm, latent, conditioning, sigma: float, seed: int) -> io.NodeOutput:
+        return scored(*score_latents(drm, latent["samples"], conditioning, sigma, seed, "DRMScoreLatent"))
+
+
+class DRMScoreImage(io.ComfyNode):
+    """VAE-encode images, then score them like DRMScoreLatent."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="DRMScoreImage", display_name="DRM Score Image (reward)",
+            aliases=["reward", "score image", "aesthetic score", "preference score"],
+            description=("Scores every image of a batch with the DRM: the images are VAE-encoded to SD3 latents, "
+                         "then scored like DRMScoreLatent. Use it for images that were loaded or edited, not "
+                         "sampled."),
+            inputs=[
+                drm_input(),
+                io.Image.Input("image", tooltip="Images to score (any batch size); sides should be multiples of 16 px."),
+                io.Vae.Input("vae", tooltip="An SD3 VAE (16-channel latents), e.g. the one in "
+                                            "sd3.5_medium.safetensors."),
+                io.Conditioning.Input("conditioning", tooltip=(
+                    "The prompt to score against: an SD3 CLIPTextEncode output (its first entry and pooled_output "
+                    "are used).")),
+                *score_inputs(),
+            ],
+            outputs=SCORE_OUTPUTS,
+        )
+
+    @classmethod
+    def validate_inputs(cls, sigma: float | None = None) -> bool | str:
+        return check_sigma(sigma)
+
+    @classmethod
+    def execute(cls, drm, image, vae, conditioning, sigma: float, seed: int) -> io.NodeOutput:
         channels = getattr(vae, "latent_channels", None)
         if channels is not None and channels != 16:
             raise ValueError(f"DRMScoreImage: the VAE makes {channels}-channel latents; the DRM needs an SD3 VAE "
                              "(16 channels), e.g. the VAE output of the SD3.5 checkpoint loader")
         raw = vae.encode(image[:, :, :, :3])
-        return score_latents(drm, raw, conditioning, sigma, seed, node)
+        return scored(*score_latents(drm, raw, conditioning, sigma, seed, "DRMScoreImage"))
 
 
 def _take(value, batch: int, index: Tensor, batched_ndim: int | None = None):
@@ -141,36 +173,43 @@ def _concat(values: list, what: str):
     return torch.cat(values) if len(values) > 1 else values[0]
 
 
-class DRMSelectBest:
-    DESCRIPTION = ("Keeps the top-k of a batch by score (best first), carrying the LATENT and, if connected, the "
-                   "IMAGE and MASK of the same batch along, so they stay in step. Feed it the scores of "
-                   "DRMScoreLatent or DRMScoreImage: best-of-N sampling.")
-    CATEGORY = CATEGORY
-    FUNCTION = "select"
-    INPUT_IS_LIST = True
-    RETURN_TYPES = ("LATENT", "IMAGE", "MASK", "INT", "STRING")
-    RETURN_NAMES = ("latent", "image", "mask", "indices", "summary")
-    OUTPUT_IS_LIST = (False, False, False, True, False)
-    OUTPUT_TOOLTIPS = ("The top-k latents, best first (noise_mask and batch_index follow).",
-                       "The matching images (only when an image was connected).",
-                       "The matching masks (only when a mask was connected; a single shared mask passes through).",
-                       "Batch indices of the kept items, best first.",
-                       "What was kept, as text.")
+class DRMSelectBest(io.ComfyNode):
+    """Keep the top-k of a batch by score, with its images and masks in step."""
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "scores": ("FLOAT", {"forceInput": True,
-                                 "tooltip": "One score per batch item, from DRMScoreLatent / DRMScoreImage."}),
-            "latent": ("LATENT", {"tooltip": "The batch that was scored (same order as the scores)."}),
-            "top_k": ("INT", {"default": 1, "min": 1, "max": 4096,
-                              "tooltip": "How many items to keep (clamped to the batch size)."}),
-        }, "optional": {
-            "image": ("IMAGE", {"tooltip": "Decoded images of the same batch, kept in step with the latents."}),
-            "mask": ("MASK", {"tooltip": "Masks of the same batch, kept in step with the latents."}),
-        }}
+    def define_schema(cls) -> io.Schema:
+        return schema(
+            node_id="DRMSelectBest", display_name="DRM Select Best (best-of-N, top-k)",
+            aliases=["best of n", "best-of-n", "top k", "rank", "pick best", "reward"],
+            description=("Keeps the top-k of a batch by score (best first), carrying the LATENT and, if connected, "
+                         "the IMAGE and MASK of the same batch along, so they stay in step. Feed it the scores of "
+                         "DRMScoreLatent or DRMScoreImage: best-of-N sampling."),
+            is_input_list=True,
+            inputs=[
+                io.Float.Input("scores", force_input=True,
+                               tooltip="One score per batch item, from DRMScoreLatent / DRMScoreImage."),
+                io.Latent.Input("latent", tooltip="The batch that was scored (same order as the scores)."),
+                io.Int.Input("top_k", default=1, min=1, max=4096,
+                             tooltip="How many items to keep (clamped to the batch size)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="Decoded images of the same batch, kept in step with the latents."),
+                io.Mask.Input("mask", optional=True, tooltip="Masks of the same batch, kept in step with the latents."),
+            ],
+            outputs=[
+                io.Latent.Output("best_latent", display_name="latent",
+                                 tooltip="The top-k latents, best first (noise_mask and batch_index follow)."),
+                io.Image.Output("best_image", display_name="image",
+                                tooltip="The matching images (only when an image was connected)."),
+                io.Mask.Output("best_mask", display_name="mask", tooltip=(
+                    "The matching masks (only when a mask was connected; a single shared mask passes through).")),
+                io.Int.Output("indices", display_name="indices", is_output_list=True,
+                              tooltip="Batch indices of the kept items, best first."),
+                io.String.Output("summary", display_name="summary", tooltip="What was kept, as text."),
+            ],
+        )
 
-    def select(self, scores, latent, top_k, image=None, mask=None):
+    @classmethod
+    def execute(cls, scores, latent, top_k, image=None, mask=None) -> io.NodeOutput:
         top_k = top_k[0]
         samples = _concat([item["samples"] for item in latent], "latent")
         batch = samples.shape[0]
@@ -188,4 +227,5 @@ class DRMSelectBest:
         masks = _concat(mask or [], "mask")
         kept = order.tolist()
         summary = "kept (best first): " + ", ".join(f"#{i} ({scores[i]:+.4f})" for i in kept)
-        return (out, _take(images, batch, order), _take(masks, batch, order, batched_ndim=3), kept, summary)
+        return io.NodeOutput(out, _take(images, batch, order), _take(masks, batch, order, batched_ndim=3), kept,
+                             summary, ui=preview(scores_plot(scores, kept), summary))

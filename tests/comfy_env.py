@@ -85,6 +85,25 @@ def conditioning(text: str = "a photo", tokens: int = TOKENS) -> list:
     return [[torch.randn(1, tokens, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
 
 
+class V3Call:
+    """Calls a V3 node's execute with positional inputs in schema order, as a V1 node's FUNCTION is called."""
+
+    def __init__(self, cls):
+        self.cls = cls
+        self.last_ui = None
+
+    def __getattr__(self, name: str):
+        if hasattr(self.cls, name):  # INPUT_TYPES, DESCRIPTION, ...
+            return getattr(self.cls, name)
+
+        def call(*args, **kwargs):
+            ids = [i.id for i in self.cls.GET_SCHEMA().inputs]
+            out = self.cls.execute(**dict(zip(ids, args)), **kwargs)
+            self.last_ui = out.ui
+            return out.args
+        return call
+
+
 @dataclass
 class ComfyEnv:
     """An in-process ComfyUI with the pack loaded through ComfyUI's own loader."""
@@ -96,7 +115,10 @@ class ComfyEnv:
     load_ok: bool
 
     def node(self, node_id: str):
-        return self.nodes.NODE_CLASS_MAPPINGS[node_id]()
+        """A node to call like ComfyUI's V1 nodes: `node.<any name>(*inputs)` returns the output tuple; V3 nodes
+        get their inputs by schema order and return their NodeOutput's values (its `ui` in `last_ui`)."""
+        cls = self.nodes.NODE_CLASS_MAPPINGS[node_id]
+        return V3Call(cls) if hasattr(cls, "define_schema") else cls()
 
     def pack_module(self, name: str) -> ModuleType:
         return sys.modules[f"{self.pack.__name__}.{name}"]
@@ -187,6 +209,15 @@ MISSING = object()
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
+def combo_options(conf: tuple) -> list | None:
+    """The choices of a combo input spec: V1 `([choices], {...})` or V3 `("COMBO", {"options": [...]})`."""
+    if isinstance(conf[0], list):
+        return conf[0]
+    if conf[0] == "COMBO":
+        return conf[1].get("options", [])
+    return None
+
+
 def ui_to_api(ui: dict, node_classes: dict) -> dict:
     """Convert a UI-format workflow to API format as the front end does (widgets_values in input order; a widget
     the workflow has no value for, e.g. an input added after it was saved, takes its default)."""
@@ -201,10 +232,11 @@ def ui_to_api(ui: dict, node_classes: dict) -> dict:
         inputs = {}
         for name, conf in [*spec.get("required", {}).items(), *spec.get("optional", {}).items()]:
             kind, opts = conf[0], (conf[1] if len(conf) > 1 else {})
-            if (isinstance(kind, list) or kind in WIDGET_TYPES) and not opts.get("forceInput"):
+            choices = combo_options(conf)
+            if (choices is not None or kind in WIDGET_TYPES) and not opts.get("forceInput"):
                 value = next(values, MISSING)
                 if value is MISSING:
-                    value = opts.get("default", kind[0] if isinstance(kind, list) and kind else None)
+                    value = opts.get("default", choices[0] if choices else None)
                 if opts.get("control_after_generate") or name in ("seed", "noise_seed"):
                     next(values, None)  # the "fixed" / "randomize" control widget
                 inputs[name] = list(linked[name]) if name in linked else value

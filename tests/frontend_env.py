@@ -201,6 +201,13 @@ class Frontend:
     def use_tiny_models(self, size: int = 64, steps: int = 3) -> None:
         self.page.evaluate(JS_USE_TINY_MODELS, [size, steps])
 
+    def node_images(self, node_ids: list[int], timeout_ms: int = 30_000) -> dict[int, list[str]]:
+        """Image URLs the frontend shows on each node (its preview after a run), once every node shows one."""
+        js = ("ids => ids.map(id => (app.graph.getNodeById(id)?.imgs ?? []).map(i => i.src))")
+        self.page.wait_for_function(f"ids => ({js})(ids).every(urls => urls.length > 0)", arg=node_ids,
+                                    timeout=timeout_ms)
+        return dict(zip(node_ids, self.page.evaluate(js, node_ids)))
+
     def run(self) -> str:
         """Click Run; the prompt id the server gave the frontend."""
         with self.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as resp:

@@ -8,6 +8,7 @@ CONDITIONING of the right shapes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -459,12 +460,12 @@ def test_loader_lists_drm_files_and_download_folders_only(env):
     finally:
         for stray in strays:
             stray.unlink()
-    entries = spec["required"]["drm_name"][0]
+    entries = comfy_env.combo_options(spec["required"]["drm_name"])
     assert DRM_FILE in entries and DINA_FOLDER in entries
     assert [e for e in entries if not e.endswith(".safetensors")] == [DINA_FOLDER]
     assert not [e for e in entries if e.startswith(DINA_FOLDER + os.sep) or e.startswith(".")]
     assert any(f.endswith("rm_head.pt") for f in folder_paths.get_filename_list("drm"))  # ComfyUI's own list would
-    choices, options = spec["optional"]["base"]
+    choices, options = comfy_env.combo_options(spec["optional"]["base"]), spec["optional"]["base"][1]
     assert options["default"] == "none" and choices[0] == "none" and CHECKPOINT in choices
     assert "ignores this input" in options["tooltip"]
 
@@ -504,8 +505,8 @@ def test_incomplete_download_names_the_missing_file(env):
     shutil.copytree(env.base / "models" / "drm" / DINA_FOLDER, folder, ignore=shutil.ignore_patterns("converted"))
     (folder / "checkpoint" / "rm_head.pt").unlink()
     try:
-        assert "DiNa-LRM-incomplete" in env.nodes.NODE_CLASS_MAPPINGS["DRMLoader"].INPUT_TYPES()["required"][
-            "drm_name"][0]  # listed, so that choosing it says what is missing
+        assert "DiNa-LRM-incomplete" in comfy_env.combo_options(env.nodes.NODE_CLASS_MAPPINGS["DRMLoader"].INPUT_TYPES()[
+            "required"]["drm_name"])  # listed, so that choosing it says what is missing
         with pytest.raises(ValueError, match=r"DRMLoader: .*DiNa-LRM-incomplete: the DiNa-LRM download is incomplete: "
                                              r"missing checkpoint/rm_head.pt\. Download it again: hf download "
                                              r"liuhuohuo/DiNa-LRM-SD35M-12layers"):
@@ -614,10 +615,79 @@ def test_server_loads_the_pack_and_serves_object_info(server):
     info = server.get("/object_info")
     for node_id in NODE_IDS:
         assert info[node_id]["description"] and info[node_id]["category"] == "DRM", node_id
-    options = info["DRMLoader"]["input"]["required"]["drm_name"][0]
+    options = comfy_env.combo_options(info["DRMLoader"]["input"]["required"]["drm_name"])
     assert DRM_FILE in options and "extra_drm.safetensors" in options  # extra_model_paths.yaml is honoured
     assert DINA_FOLDER in options and not [o for o in options if o.endswith(".pt") or o.startswith(DINA_FOLDER + "/")]
-    assert CHECKPOINT in info["DRMLoader"]["input"]["optional"]["base"][0]
+    assert CHECKPOINT in comfy_env.combo_options(info["DRMLoader"]["input"]["optional"]["base"])
+
+
+# The six nodes' interface as it was before the V3 port (V1): shared workflows depend on ids, input names and
+# order (widget values are positional), output types and their order.
+V1_INTERFACE = {
+    "DRMLoader": (["drm_name", "dtype"], ["base"], ["DRM_MODEL"], ["drm"]),
+    "DRMScoreLatent": (["drm", "latent", "conditioning", "sigma", "seed"], [], ["FLOAT", "STRING"],
+                       ["scores", "summary"]),
+    "DRMScoreImage": (["drm", "image", "vae", "conditioning", "sigma", "seed"], [], ["FLOAT", "STRING"],
+                      ["scores", "summary"]),
+    "DRMSelectBest": (["scores", "latent", "top_k"], ["image", "mask"], ["LATENT", "IMAGE", "MASK", "INT", "STRING"],
+                      ["latent", "image", "mask", "indices", "summary"]),
+    "DRMStepwiseSampler": (["drm", "conditioning", "k", "noise_level", "branch_start", "branch_end", "branch_every",
+                            "outside_range"], [], ["SAMPLER"], ["sampler"]),
+    "DRMStepwiseKSampler": (["model", "drm", "positive", "negative", "latent_image", "seed", "steps", "cfg",
+                             "scheduler", "k", "noise_level", "branch_start", "branch_end", "branch_every",
+                             "outside_range", "denoise"], ["reward_conditioning"], ["LATENT", "IMAGE"],
+                            ["latent", "reward_trace"]),
+}
+
+
+def test_the_six_nodes_are_v3_with_their_v1_interface(env, server):
+    from comfy_api.latest import io
+
+    info = server.get("/object_info")
+    assert sorted(n for n, v in info.items() if v["category"] == "DRM") == sorted(V1_INTERFACE)
+    for node_id, (required, optional, outputs, names) in V1_INTERFACE.items():
+        assert issubclass(env.nodes.NODE_CLASS_MAPPINGS[node_id], io.ComfyNode), node_id
+        node = info[node_id]
+        assert node["input_order"]["required"] == required and node["input_order"].get("optional", []) == optional
+        assert node["output"] == outputs and node["output_name"] == names, node_id
+    assert info["DRMScoreLatent"]["output_is_list"] == [True, False]
+    assert info["DRMSelectBest"]["output_is_list"] == [False, False, False, True, False]
+    assert info["DRMStepwiseKSampler"]["input"]["required"]["seed"][1]["control_after_generate"]
+
+
+@pytest.mark.parametrize("node_id, widgets, message", [
+    ("DRMStepwiseKSampler", {"branch_start": 0.8, "branch_end": 0.2}, "branch_start (0.8) must not exceed branch_end"),
+    ("DRMStepwiseSampler", {"branch_start": 0.8, "branch_end": 0.2}, "branch_start (0.8) must not exceed branch_end"),
+    ("DRMScoreLatent", {"sigma": -0.5}, "sigma must be -1 (auto"),
+])
+def test_bad_widget_values_are_refused_before_queueing(server, node_id, widgets, message):
+    import urllib.error
+
+    name = "drm_stepwise_ksampler" if node_id != "DRMScoreLatent" else "drm_best_of_n"
+    graph = comfy_env.for_tiny_models(comfy_env.load_workflow(name)[1])
+    if node_id == "DRMStepwiseSampler":
+        graph = comfy_env.for_tiny_models(comfy_env.load_workflow("drm_stepwise_sampling")[1])
+    node = next(k for k, v in graph.items() if v["class_type"] == node_id)
+    graph[node]["inputs"].update(widgets)
+    try:  # refused (400), or queued without the outputs that depend on the node (ComfyUI runs the valid rest)
+        body = server.post("/prompt", {"prompt": graph, "client_id": "drm-tests"})
+        server.wait(body["prompt_id"])
+    except urllib.error.HTTPError as refused:
+        body = json.loads(refused.read())
+    assert message in json.dumps(body["node_errors"][node]), body
+
+
+def test_scores_and_trace_are_shown_on_the_nodes(server):
+    for name, shown in (("drm_best_of_n", ("DRMScoreLatent", "DRMSelectBest")),
+                        ("drm_stepwise_ksampler", ("DRMStepwiseKSampler",))):
+        graph = comfy_env.for_tiny_models(comfy_env.load_workflow(name)[1])
+        outputs = server.run(graph)["outputs"]
+        for node_id in shown:
+            node = next(k for k, v in graph.items() if v["class_type"] == node_id)
+            images = outputs[node]["images"]
+            assert images and images[0]["type"] == "temp", (name, node_id)
+            assert (server.log_path.parent / "temp" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+            assert outputs[node]["text"][0], (name, node_id)
 
 
 @pytest.mark.parametrize("name", comfy_env.workflow_names())

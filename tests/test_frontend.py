@@ -75,6 +75,9 @@ def test_dropped_workflow_offers_every_download_and_opens_in_view(ui, name):
     assert ui.clipped_notes() == []  # the note reads without scrolling
 
 
+PREVIEWING_NODES = ("DRMScoreLatent", "DRMScoreImage", "DRMSelectBest", "DRMStepwiseKSampler")
+
+
 @pytest.mark.parametrize("name", comfy_env.workflow_names())
 def test_frontend_prompt_is_the_api_twin_and_runs_from_the_run_button(server, ui, name):
     ui.drop(frontend_env.workflow_path(name))
@@ -84,3 +87,6 @@ def test_frontend_prompt_is_the_api_twin_and_runs_from_the_run_button(server, ui
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()} == api_twin(name)
     ui.use_tiny_models()
     comfy_env.check_workflow_run(server, name, server.wait(ui.run()))
+    shown = [n["id"] for n in comfy_env.load_workflow(name)[0]["nodes"] if n["type"] in PREVIEWING_NODES]
+    for urls in ui.node_images(shown).values():  # scores / reward trace drawn on the node itself
+        assert all("type=temp" in url for url in urls), urls
