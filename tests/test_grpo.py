@@ -86,3 +86,51 @@ def test_policy_cfg_uses_the_given_negative_and_zeros_by_default():
     assert not torch.allclose(given, zeroed)
     with pytest.raises(DRMError, match="negative_context must be"):
         Policy(model, ctx, pooled, 4.5, torch.zeros(1, 154, 4096), neg_pooled)
+
+
+def test_step_grpo_trains_only_steps_below_train_sigma_max():
+    """Steps above train_sigma_max take one plain SDE step: no DRM call, no transition to train on."""
+    from drm_core import flow_sigmas
+    from tiny import conditioning, tiny_transformer
+    from training.grpo_core import Policy, rollout_step_grpo
+
+    model = tiny_transformer(num_layers=1, dual_attention_layers=())
+    ctx, pooled = conditioning(3, tokens=5)
+    policy, sigmas, scored = Policy(model, ctx, pooled, 1.0), flow_sigmas(10), []
+
+    def reward(latents, sigma, rows):
+        scored.append(float(sigma))
+        return latents.flatten(1).mean(1)
+
+    with torch.no_grad():
+        x0, transitions = rollout_step_grpo(policy, reward, torch.randn(2, 16, 4, 4), torch.tensor([0, 2]), sigmas, 3,
+                                            0.7, torch.Generator().manual_seed(0), train_sigma_max=0.6)
+    kept = [s for s in sigmas[:-2].tolist() if s <= 0.6]  # the last step lands on x0 and is never scored
+    assert [t.sigma for t in transitions] == kept and len(kept) == 2
+    assert scored == [t.sigma_next for t in transitions]
+    assert x0.shape == (2, 16, 4, 4) and torch.isfinite(x0).all()
+    with torch.no_grad():
+        _, every = rollout_step_grpo(policy, reward, torch.randn(2, 16, 4, 4), torch.tensor([0, 2]), sigmas, 3, 0.7,
+                                     torch.Generator().manual_seed(0))
+    assert len(every) == 9
+
+
+def test_prompt_alignment_prefers_the_prompt_a_sample_was_made_for():
+    """Base model = exact flow of one data point per prompt: samples of prompt c are aligned with c and not with
+    the others; the alignment of a sample drawn for another prompt is negative."""
+    from training.alignment import AlignmentGuard, contrast_rows, prompt_alignment
+
+    targets = torch.randn(4, 16, 2, 2, generator=torch.Generator().manual_seed(1))  # one data point per prompt
+
+    def velocity(x, sigma, rows):  # the exact velocity of x_sigma = (1 - sigma) target + sigma eps
+        return (x - targets[rows]) / sigma
+
+    rows = torch.tensor([0, 1, 2, 3, 0, 1])
+    others = contrast_rows(rows, 2)
+    assert others.shape == (2, 6) and not (others == rows).any()
+    right = prompt_alignment(velocity, targets[rows], rows, n_contrast=3)
+    wrong = prompt_alignment(velocity, targets[(rows + 1) % 4], rows, n_contrast=3)
+    assert (right > 0).all() and (wrong < 0).all()
+    torch.testing.assert_close(right, prompt_alignment(velocity, targets[rows], rows, n_contrast=3))  # fixed noise
+    guard = AlignmentGuard(base_alignment=2.0, tolerance=0.1)
+    assert guard.ok(1.85) and not guard.ok(1.75)

@@ -430,9 +430,9 @@ def test_train_grpo_and_export_lora_from_comfyui_files_only(world: dict, tmp_pat
     run, q = tmp_path / "run", json.dumps
     overrides = [f"out={q(str(run))}", f"policy.base={q(str(checkpoint))}", "policy.lora_rank=2",
                  "policy.lora_alpha=4.0", f"reward.drm={q(str(drm))}", f"prompts.file={q(str(prompts))}",
-                 f"prompts.text_encoders={q(str(world['te']))}", "prompts.eval_prompts=1", "grpo.iterations=2",
+                 f"prompts.text_encoders={q(str(world['te']))}", "prompts.eval_prompts=2", "grpo.iterations=2",
                  "grpo.prompts_per_iteration=1", "grpo.group=2", "grpo.steps=2", "grpo.eval_steps=2",
-                 "grpo.eval_every=2", "grpo.resolution=32", "grpo.cfg_scale=2.0", "grpo.patience=0"]
+                 "grpo.eval_every=2", "grpo.resolution=32", "grpo.cfg_scale=2.0", "grpo.patience=0", "grpo.train_sigma_max=1.0"]
     assert main(["train-grpo", *(x for o in overrides for x in ("--set", o))]) == 0
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["iter_000000.png", "iter_000002.png"]
     lora = tmp_path / "lora.safetensors"

@@ -61,7 +61,8 @@ def config(world, out, *extra):
         f"reward.drm={q(str(world / 'drm.safetensors'))}", f"prompts.cache={q(str(world / 'prompts'))}",
         "prompts.eval_prompts=2", "grpo.iterations=4", "grpo.prompts_per_iteration=2", "grpo.group=3",
         "grpo.steps=3", "grpo.eval_steps=3", "grpo.eval_every=2", "grpo.checkpoint_every=1", "grpo.resolution=64",
-        "grpo.cfg_scale=2.0", "grpo.lr=1e-3", "grpo.clip_range=0.2", "grpo.patience=0", *extra])
+        "grpo.cfg_scale=2.0", "grpo.lr=1e-3", "grpo.clip_range=0.2", "grpo.patience=0",
+        "grpo.train_sigma_max=1.0", *extra])  # 3 steps: every step trained
 
 
 @pytest.mark.parametrize("mode", ["step", "terminal"])
@@ -78,6 +79,36 @@ def test_both_modes_train_and_export_a_comfyui_ready_lora(world, tmp_path, mode)
     assert not (out / "samples").exists()  # a diffusers transformer folder holds no VAE and policy.vae is unset
     with safe_open(str(final), "pt") as f:
         assert any(float(f.get_tensor(k).abs().max()) > 0 for k in f.keys() if "lora_B" in k)  # it learned something
+
+
+def test_guard_alarm_stops_and_keeps_the_last_lora_that_passed(world, tmp_path, monkeypatch, caplog):
+    """Held-out prompt alignment falling below the floor (tolerance x the base's) is reward hacking: warn, stop,
+    keep best_lora.safetensors from before the alarm (its iteration is in the file)."""
+    import logging
+
+    import training.train_grpo as tg
+
+    measured = iter([1.0, 0.99, 0.5, 0.4])  # base, it 2 (passes), it 4 (fails: floor 0.9)
+    monkeypatch.setattr(tg, "alignment", lambda *a, **k: next(measured))
+    out = tmp_path / "guarded"
+    with caplog.at_level(logging.WARNING, logger="training.train_grpo"):
+        final = train(config(world, out, "grpo.iterations=8", "grpo.guard_tolerance=0.1"))
+    assert "divergence alarm at iteration 4" in caplog.text and "reward hacking" in caplog.text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 4  # stopped at the alarm, not at iteration 8
+    assert [r["eval/prompt_alignment"] for r in rows if "eval/prompt_alignment" in r] == [1.0, 0.99, 0.5]
+    from training.lora import DRM_KEY
+
+    with safe_open(str(out / "best_lora.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()[DRM_KEY])["iteration"] == 2
+    assert final.is_file()
+
+
+def test_guard_and_step_window_settings_are_checked(world, tmp_path):
+    with pytest.raises(DRMError, match="grpo.train_sigma_max = 0.3 leaves no step to train in the 3-step"):
+        train(config(world, tmp_path / "a", "grpo.train_sigma_max=0.3"))
+    with pytest.raises(DRMError, match="prompts.eval_prompts >= 2"):
+        train(config(world, tmp_path / "b", "prompts.eval_prompts=1"))
 
 
 def test_kill_and_resume_equals_uninterrupted(world, tmp_path):
@@ -196,7 +227,7 @@ def test_train_encodes_prompts_from_a_file_with_the_text_encoders(world, sd3_tex
     (tmp_path / "p.txt").write_text("a cat\na dog\na red car\n")
     out = tmp_path / "run"
     train(config(world, out, 'prompts.cache=""', f"prompts.file={json.dumps(str(tmp_path / 'p.txt'))}",
-                 f"prompts.text_encoders={json.dumps(str(sd3_text))}", "prompts.eval_prompts=1",
+                 f"prompts.text_encoders={json.dumps(str(sd3_text))}", "prompts.eval_prompts=1", "grpo.guard_tolerance=0",
                  "grpo.iterations=1", "grpo.steps=2", "grpo.eval_steps=2", "grpo.group=2"))
     with safe_open(str(out / "prompts" / "prompt_embeddings.safetensors"), "pt") as f:
         assert f.get_slice("negative_context").get_shape() == [1, 154, 4096]

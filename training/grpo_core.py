@@ -57,6 +57,11 @@ class Policy:
         v_neg, v_cond = both.chunk(2)
         return v_neg + self.cfg_scale * (v_cond - v_neg)
 
+    def conditional_velocity(self, x: Tensor, sigma: Tensor | float, rows: Tensor) -> Tensor:
+        """v(x, sigma | prompt rows) without guidance (what the prompt-alignment guard measures)."""
+        t = torch.full((x.shape[0],), float(sigma) * 1000.0, device=x.device, dtype=x.dtype)
+        return self.transformer(x, self.context[rows].to(x), self.pooled[rows].to(x), t).sample
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """The frozen base policy (LoRA disabled) inside the block."""
@@ -83,11 +88,12 @@ class Transition:
 
 @torch.no_grad()
 def rollout_step_grpo(policy: Policy, reward_fn: RewardFn, x: Tensor, rows: Tensor, sigmas: Tensor, k: int,
-                      noise_level: float, generator: torch.Generator,
-                      continue_with: str = "random") -> tuple[Tensor, list[Transition]]:
-    """Step-GRPO rollout: at every step k SDE children of x_t, DRM scores at sigma_next, advantages within
-    the k, then continue from one child: a random one (on-policy: the trajectory stays a sample of the
-    policy) or the argmax (greedy, like step-wise sampling)."""
+                      noise_level: float, generator: torch.Generator, continue_with: str = "random",
+                      train_sigma_max: float = 1.0) -> tuple[Tensor, list[Transition]]:
+    """Step-GRPO rollout: at every step from sigma <= train_sigma_max on, k SDE children of x_t, DRM scores at
+    sigma_next, advantages within the k, then continue from one child: a random one (on-policy: the trajectory
+    stays a sample of the policy) or the argmax (greedy, like step-wise sampling). Earlier (noisier) steps take
+    one plain SDE step: no DRM call and no update there."""
     transitions = []
     b = x.shape[0]
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
@@ -95,6 +101,9 @@ def rollout_step_grpo(policy: Policy, reward_fn: RewardFn, x: Tensor, rows: Tens
         if sigma_next == 0:
             x = x - sigma * v
             break
+        if sigma > train_sigma_max:
+            x = sde_step(x, v, sigma, sigma_next, noise_level, generator=generator).sample
+            continue
         parent = sde_step(x, v, sigma, sigma_next, noise_level, noise=torch.zeros_like(x))
         noise = torch.randn((b, k, *x.shape[1:]), generator=generator).to(x)
         children = (parent.mean.unsqueeze(1) + parent.std.unsqueeze(1) * noise).to(x.dtype)  # [B, k, ...]

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from drm_core import BackboneConfig, DRMError, read_backbone_config, read_drm_header
+from drm_core import BackboneConfig, DRMError, flow_sigmas, read_backbone_config, read_drm_header
 from drm_core.checkpoint import atomic_save_file
 
 from .checkpointing import check_writable
@@ -95,6 +95,19 @@ def check_inputs(config: TrainGRPOConfig) -> CheckedInputs:
         raise DRMError(f"grpo.resolution must be a positive multiple of 16, got {cfg.resolution}")
     if cfg.eval_images < 0 or cfg.eval_noise_level < 0:
         raise DRMError("grpo.eval_images and grpo.eval_noise_level must be >= 0")
+    if not 0.0 < cfg.train_sigma_max <= 1.0:
+        raise DRMError(f"grpo.train_sigma_max must be in (0, 1] (1 trains every step), got {cfg.train_sigma_max}")
+    trained = [s for s in flow_sigmas(cfg.steps)[:-2].tolist() if s <= cfg.train_sigma_max]  # last step: x0
+    if cfg.mode == "step" and not trained:
+        raise DRMError(f"grpo.train_sigma_max = {cfg.train_sigma_max} leaves no step to train in the {cfg.steps}-step "
+                       f"schedule (sigmas {', '.join(f'{s:.3f}' for s in flow_sigmas(cfg.steps).tolist())}; the "
+                       "last step is never scored): raise it or grpo.steps")
+    if cfg.guard_tolerance < 0 or cfg.guard_contrast < 1:
+        raise DRMError(f"grpo.guard_tolerance must be >= 0 (0: no guard) and grpo.guard_contrast >= 1, got "
+                       f"{cfg.guard_tolerance} / {cfg.guard_contrast}")
+    if cfg.guard_tolerance > 0 and config.prompts.eval_prompts < 2:
+        raise DRMError(f"the prompt-alignment guard contrasts held-out prompts with each other: set "
+                       f"prompts.eval_prompts >= 2 (got {config.prompts.eval_prompts}) or grpo.guard_tolerance = 0")
     for key, value in (("policy.base", policy.base), ("reward.drm", reward.drm)):
         if not value:
             raise DRMError(f"{key} is required (see training/configs/grpo_sd35m_512.toml)")

@@ -21,6 +21,7 @@ import torch
 
 from drm_core import DRMError, flow_sigmas, load_drm, load_mmdit, sde_sample
 
+from .alignment import AlignmentGuard, prompt_alignment
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
 from .grpo_core import Policy, policy_update, rollout_step_grpo, rollout_terminal
@@ -77,6 +78,9 @@ class GRPOSection:
     kl_beta: float = 0.04  # exact per-step Gaussian KL (Flow-GRPO's beta omits the step-size factor)
     grad_clip: float = 1.0
     continue_with: str = "random"  # step mode: random (on-policy) | argmax
+    train_sigma_max: float = 0.6  # step mode: train only steps from this noise level down (high-noise steps hack)
+    guard_tolerance: float = 0.1  # stop when held-out prompt alignment loses this fraction of the base's (0: off)
+    guard_contrast: int = 3  # other held-out prompts each sample's alignment is measured against
     seed: int = 0
     checkpoint_every: int = 20
     keep_checkpoints: int = 3
@@ -130,7 +134,7 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
     policy = Policy(model, emb.context.to(device, dtype), emb.pooled.to(device, dtype), cfg.cfg_scale,
                     emb.negative_context.to(device, dtype), emb.negative_pooled.to(device, dtype))
     optimizer = torch.optim.AdamW(list(trainable_state(model).values()), lr=cfg.lr, weight_decay=0.0)
-    start, best, stale = 0, float("-inf"), 0
+    start, best, stale, base_alignment = 0, float("-inf"), 0, None
     ckpt = resolve_resume(out / "checkpoints", resume)
     if ckpt is not None:
         state = load_checkpoint(ckpt, None, optimizer)
@@ -139,6 +143,7 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
             raise DRMError(f"{ckpt}: LoRA tensors missing {sorted(missing)[:3]} (different LoRA settings?)")
         model.load_state_dict(state["tensors"], strict=False)
         start, best, stale = state["step"], state.get("best", float("-inf")), state.get("stale", 0)
+        base_alignment = state.get("base_alignment")
         log.info("resumed from %s at iteration %d", ckpt, start)
     if accelerator.is_main_process:
         save_resolved(config, out)
@@ -149,11 +154,20 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
     def reward_fn(latents: torch.Tensor, sigma: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return drm.score(latents.to(dtype), sigma, policy.context[rows], policy.pooled[rows])
 
-    if start == 0:  # the base model, for comparison: same prompts, same noise (every process, to stay in step)
+    measure = n_eval >= 2  # prompt alignment contrasts held-out prompts with each other
+    if start == 0 or (measure and base_alignment is None):  # the base model: same prompts, same noise
         with policy.reference():
             held, samples = evaluate(policy, holdout, eval_rows.to(device), cfg, latent_side, dtype)
-        metrics.log(0, {"eval/holdout_reward": held})
-        _write_grid(grids, metrics, 0, samples)
+        base_alignment = alignment(policy, samples, eval_rows.to(device), cfg) if measure else None
+        if start == 0:
+            metrics.log(0, {"eval/holdout_reward": held,
+                            **({"eval/prompt_alignment": base_alignment} if measure else {})})
+            _write_grid(grids, metrics, 0, samples)
+    guard = AlignmentGuard(base_alignment, cfg.guard_tolerance) if cfg.guard_tolerance > 0 and measure else None
+    if cfg.guard_tolerance > 0 and not measure:
+        log.warning("the prompt-alignment guard is off: %d held-out prompt (at most half of the %d prompts are held "
+                    "out); it needs 2 or more to contrast them", n_eval, len(emb.context))
+    alarm = False
     end = cfg.iterations if stop_after is None else min(cfg.iterations, stop_after)
     bar = tqdm(total=cfg.iterations, initial=start, disable=not accelerator.is_main_process, desc=f"grpo-{cfg.mode}")
     for it in range(start, end):
@@ -183,9 +197,17 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
         if done % cfg.eval_every == 0 or done == cfg.iterations:
             model.eval()
             held, samples = evaluate(policy, holdout, eval_rows.to(device), cfg, latent_side, dtype)
-            metrics.log(done, {"eval/holdout_reward": held})
+            aligned = alignment(policy, samples, eval_rows.to(device), cfg) if measure else None
+            metrics.log(done, {"eval/holdout_reward": held, **({"eval/prompt_alignment": aligned} if measure else {})})
             _write_grid(grids, metrics, done, samples)
-            if held > best:
+            alarm = guard is not None and not guard.ok(aligned)
+            if alarm:
+                log.warning("divergence alarm at iteration %d: held-out prompt alignment %.4g fell below %.4g (the "
+                            "base model's %.4g less %g of it) while the reward model scores %.4g: the policy trades "
+                            "prompt fidelity for reward (reward hacking). Stopping; best_lora.safetensors is the last "
+                            "evaluation that passed.", done, aligned, guard.floor, guard.base, cfg.guard_tolerance,
+                            held)
+            elif held > best:
                 best, stale = held, 0
                 if accelerator.is_main_process:
                     export_lora(accelerator.unwrap_model(model), out / "best_lora.safetensors",
@@ -195,14 +217,18 @@ def train(config: TrainGRPOConfig, resume: str | None = None, stop_after: int | 
         if done % cfg.checkpoint_every == 0 or done == end:
             if accelerator.is_main_process:
                 save_checkpoint(out / "checkpoints", done, trainable_state(model), optimizer,
-                                {"best": best, "stale": stale, "processes": world}, cfg.keep_checkpoints)
+                                {"best": best, "stale": stale, "processes": world, "base_alignment": base_alignment},
+                                cfg.keep_checkpoints)
+        if alarm:
+            break
         if cfg.patience and stale >= cfg.patience:
             log.info("early stop at iteration %d: no better held-out reward in %d evaluations", done, stale)
             break
     bar.close()
     metrics.close()
     final = out / "lora.safetensors"
-    if (stop_after is None or stop_after >= cfg.iterations or stale >= cfg.patience > 0) and accelerator.is_main_process:
+    if (stop_after is None or stop_after >= cfg.iterations or stale >= cfg.patience > 0 or alarm) and \
+            accelerator.is_main_process:
         export_lora(accelerator.unwrap_model(model), final, {"mode": cfg.mode, "config": json.dumps(asdict(config))})
         log.info("wrote %s and %s", final, out / "best_lora.safetensors")
     accelerator.wait_for_everyone()
@@ -229,6 +255,13 @@ def evaluate(policy: Policy, reward, rows: torch.Tensor, cfg: GRPOSection, side:
     x0 = sde_sample(lambda z, s: policy.velocity(z, s, rows), x, flow_sigmas(cfg.eval_steps), cfg.eval_noise_level,
                     g)
     return float(reward.score(x0, 0.0, policy.context[rows], policy.pooled[rows]).mean()), x0
+
+
+def alignment(policy: Policy, samples: torch.Tensor, rows: torch.Tensor, cfg: GRPOSection) -> float:
+    """Mean prompt alignment of held-out samples, measured by the base model (LoRA off; training/alignment.py)."""
+    with policy.reference():
+        return float(prompt_alignment(policy.conditional_velocity, samples, rows, cfg.guard_contrast,
+                                      seed=cfg.seed).mean())
 
 
 def _write_grid(grids: SampleGrids | None, metrics: MetricLogger, step: int, samples: torch.Tensor) -> None:
