@@ -22,6 +22,11 @@ def test_quick_demo_writes_report_metrics_and_plots(tmp_path, capsys):
     assert options["plain SDE"]["flop_ratio"] == 1.0 and options["plain SDE"]["time_ratio"] == 1.0
     assert all(v["flop_ratio"] > 1.0 for n, v in options.items() if not n.startswith("plain"))
     assert metrics["cfg_scale"] == 4.5
+    for key in ("grpo", "step_grpo"):  # curve rows: [iteration, seconds, gt, drm, prompt alignment, gt se]
+        assert len(metrics[key]["curve"][0]) == 6 and "guard_pick_gt" in metrics[key]
+    assert set(metrics["step_grpo_k"]) == {"2", "4"}
+    assert set(metrics["guard_check"]) == {"every_step_trained", "lr_0.003"}
+    assert "step_grpo_drop_from_peak_se" in metrics["summary"]
     report = (out / "report.md").read_text()
     assert "## Claims" in report and "| claim | reproduced | evidence |" in report
     assert (out / "accuracy_and_reward.png").stat().st_size > 1000

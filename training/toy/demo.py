@@ -94,8 +94,8 @@ class DemoConfig:
 QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world.eval_pool=200",
          "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
          "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]", "grpo.seeds=[0]", "grpo.iterations=2",
-         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=4", "grpo.eval_steps=4", "guidance.k=2",
-         "guidance.repeats=1"]
+         "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=6", "grpo.eval_steps=4", "grpo.k_variants=[2]",
+         "grpo.hack_iterations=2", "guidance.k=2", "guidance.repeats=1"]
 
 
 def make_pairs(latents: torch.Tensor, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -248,7 +248,7 @@ def run_demo(config: DemoConfig) -> dict:
         log.info("6/7 GRPO vs Step-GRPO (%d iterations x %d seeds each)", config.grpo.iterations,
                  len(config.grpo.seeds))
         tick = time.perf_counter()
-        grpo = grpo_experiment(generator, drms["base"], drms["random"], text, reward, config.grpo)
+        grpo = grpo_experiment(generator, drms["base"], text, reward, config.grpo)
         timings["grpo"] = time.perf_counter() - tick
 
     metrics = {

@@ -56,10 +56,20 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
                     (f"GRPO best {g['grpo_best_gt']:.3f} at iteration {g['grpo_best_at_iteration']:.0f} "
                      f"({g['grpo_best_at_seconds']:.0f} s); Step-GRPO " +
                      (f"reaches it at iteration {it:.0f} ({sec:.0f} s)" if reached else "never reaches it"))))
-        out.append(("with the guard (KL + best checkpoint by a held-out DRM), Step-GRPO's ground-truth reward stays "
-                    "at or above the untuned generator's", g["step_grpo_guard_pick_gt"] >= g["untuned_gt"],
-                    f"guard's pick {g['step_grpo_guard_pick_gt']:.3f} vs untuned {g['untuned_gt']:.3f} "
-                    f"(last iteration {g['step_grpo_final_gt']:.3f})"))
+        out.append(("the guard's pick (best DRM score among evaluations that keep the base model's prompt alignment) "
+                    "is at least as good as GRPO's best, by ground truth", g["step_grpo_guard_pick_gt"] >= g["grpo_best_gt"],
+                    f"Step-GRPO guard's pick {g['step_grpo_guard_pick_gt']:.3f} vs GRPO best {g['grpo_best_gt']:.3f} "
+                    f"(untuned {g['untuned_gt']:.3f}; Step-GRPO last iteration {g['step_grpo_final_gt']:.3f})"))
+        out.append(("no Step-GRPO collapse: its mean curve ends within 2 standard errors of its peak",
+                    g["step_grpo_drop_from_peak_se"] <= 2.0,
+                    f"last point {g['step_grpo_drop_from_peak_se']:.1f} SE below the peak"))
+        for name, c in m.get("guard_check", {}).items():
+            fired = c["alarm_iteration"] is not None
+            out.append((f"the guard's alarm fires on a run that hacks ({name.replace('_', ' ')}) and its pick is near "
+                        "the run's true best", fired and c["guard_pick"]["gt"] >= c["best"]["gt"] - 0.1,
+                        f"alarm at iteration {c['alarm_iteration']}; pick GT {c['guard_pick']['gt']:.3f} "
+                        f"(iteration {c['guard_pick']['iteration']}) vs best {c['best']['gt']:.3f} (iteration "
+                        f"{c['best']['iteration']}); last {c['last_gt']:.3f}"))
     rnd = m["drm_accuracy_random_init"]
     out.append(("pretrained init beats random init at equal budget (Table 1; reported, not required)",
                 acc["0.0"] > rnd["0.0"], f"sigma 0: {acc['0.0']:.3f} vs {rnd['0.0']:.3f}"))
@@ -105,18 +115,33 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
         lines += ["## GRPO vs. Step-GRPO", "",
                   f"{len(cfg['seeds'])} seeds, {cfg['iterations']} iterations of {cfg['prompts_per_iteration']} prompts, "
                   f"group / k = {cfg['group']}, {cfg['steps']} sampling steps, LoRA r {cfg['lora_rank']}, "
-                  f"KL beta {cfg['kl_beta']}, lr {cfg['lr']}; the guard keeps the evaluation with the best score from a second "
-                  f"DRM (the random-init one) that the policy is not trained on; evaluated on {cfg['eval_samples']} held-out samples with "
-                  f"{cfg['eval_steps']} steps, without CFG (it would double the cost of every rollout). Ground truth "
-                  "and DRM score side by side show reward hacking.", "",
-                  "| method | untuned GT | best GT (iteration) | last GT | GT of the guard's pick | last DRM score | "
-                  "train seconds |", "|---|---|---|---|---|---|---|"]
-        for key, name in (("grpo", "GRPO (terminal DRM reward)"), ("step_grpo", "Step-GRPO (per-step DRM reward)")):
-            c = m[key]["curve"]
+                  f"KL beta {cfg['kl_beta']}, lr {cfg['lr']}; Step-GRPO trains the steps from sigma "
+                  f"{cfg['train_sigma_max']} down. Evaluated on {cfg['eval_samples']} held-out samples with "
+                  f"{cfg['eval_steps']} steps, without CFG (it would double the cost of every rollout). The guard "
+                  "measures each evaluation's prompt alignment with the frozen base model as a diffusion classifier "
+                  "(training/alignment.py), raises the alarm when it falls more than "
+                  f"{cfg['guard_tolerance']:g} of the base's below it, and picks the evaluation with the best DRM score "
+                  "before the alarm (train-grpo's best_lora.safetensors). Ground truth and DRM score side by side show "
+                  "reward hacking.", "",
+                  "| method | seeds | untuned GT | best GT (iteration) | last GT | GT of the guard's pick | alarms | "
+                  "last DRM score | train seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = [("GRPO (terminal DRM reward)", m["grpo"]["curve"], len(cfg["seeds"]), m["grpo"]["guard_pick_gt"],
+                 m["grpo"]["alarms"])]
+        for k, v in sorted(m.get("step_grpo_k", {}).items(), key=lambda kv: int(kv[0])):
+            run = m["step_grpo"] if int(k) == cfg["group"] else v["run"]
+            picks = run["guard_pick_gt"] if "guard_pick_gt" in run else run["guard_pick"]["gt"]
+            alarms = run["alarms"] if "alarms" in run else [run["alarm_iteration"]]
+            rows.append((f"Step-GRPO, k = {k}", v["curve"], len(v["seeds"]), picks, alarms))
+        for name, c, seeds, pick, alarms in rows:
             best = max(c, key=lambda r: r[2])
-            lines.append(f"| {name} | {c[0][2]:.3f} | {best[2]:.3f} +- {best[5]:.3f} ({best[0]:.0f}) | "
-                         f"{c[-1][2]:.3f} +- {c[-1][5]:.3f} | {m[key]['guard_pick_gt']:.3f} | {c[-1][3]:.3f} | "
-                         f"{c[-1][1]:.0f} |")
+            lines.append(f"| {name} | {seeds} | {c[0][2]:.3f} | {best[2]:.3f} +- {best[5]:.3f} ({best[0]:.0f}) | "
+                         f"{c[-1][2]:.3f} +- {c[-1][5]:.3f} | {pick:.3f} | {sum(a is not None for a in alarms)} of "
+                         f"{len(alarms)} | {c[-1][3]:.3f} | {c[-1][1]:.0f} |")
+        for name, c in m.get("guard_check", {}).items():
+            lines.append(f"| guard check: Step-GRPO, {name.replace('_', ' ')} | 1 | {c['curve'][0][2]:.3f} | "
+                         f"{c['best']['gt']:.3f} ({c['best']['iteration']}) | {c['last_gt']:.3f} | "
+                         f"{c['guard_pick']['gt']:.3f} | alarm at {c['alarm_iteration']} | {c['curve'][-1][3]:.3f} | "
+                         f"{c['curve'][-1][1]:.0f} |")
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     t = m["timings_seconds"]
@@ -164,16 +189,23 @@ def _plots(out: Path, m: dict, batches: dict[str, Batch]) -> list[Path]:
         paths.append(_guidance_plot(plt, out, m))
 
     if "summary" in m:
-        fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-        for key, name in (("grpo", "GRPO"), ("step_grpo", "Step-GRPO")):
-            c = m[key]["curve"]
-            it, sec, gt, score, held, se = ([r[i] for r in c] for i in range(6))
-            ax[0].errorbar(it, gt, yerr=se, marker="o", capsize=2, label=name)
-            ax[1].errorbar(sec, gt, yerr=se, marker="o", capsize=2, label=name)
-            ax[2].plot(it, score, marker="o", label=name)
+        fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+        curves = [("GRPO", m["grpo"]["curve"])]
+        curves += [(f"Step-GRPO k={k}", v["curve"]) for k, v in sorted(m.get("step_grpo_k", {}).items(),
+                                                                        key=lambda kv: int(kv[0]))]
+        curves += [(f"hacking: {n.replace('_', ' ')}", [[*r, 0.0] for r in c["curve"]])
+                   for n, c in m.get("guard_check", {}).items()]
+        for name, c in curves:
+            it, sec, gt, score, aligned, se = ([r[i] for r in c] for i in range(6))
+            style = dict(marker="o", capsize=2, label=name, linestyle="--" if name.startswith("hacking") else "-")
+            ax[0].errorbar(it, gt, yerr=se, **style)
+            ax[1].errorbar(sec, gt, yerr=se, **style)
+            ax[2].plot(it, score, marker="o", linestyle=style["linestyle"], label=name)
+            ax[3].plot(it, aligned, marker="o", linestyle=style["linestyle"], label=name)
         ax[0].set(xlabel="optimisation step", ylabel="ground-truth reward (held out)", title="GT reward vs. steps")
         ax[1].set(xlabel="training wall time (s)", ylabel="ground-truth reward", title="GT reward vs. time")
         ax[2].set(xlabel="optimisation step", ylabel="DRM score (sigma 0)", title="DRM score (what is optimised)")
+        ax[3].set(xlabel="optimisation step", ylabel="prompt alignment (base model)", title="the guard's monitor")
         for a in ax:
             a.legend()
         fig.tight_layout()
