@@ -31,6 +31,7 @@ from .generator import GeneratorConfig, train_generator, velocity
 from .grpo_demo import GRPOSection, grpo_experiment
 from .report import write_report
 from .sampling import Batch, best_of_n, generate
+from .search import SearchSection, search_experiment
 from .world import (N_CLASSES, GroundTruthReward, ToyTextEncoder, bradley_terry_labels, decode_model_space, encode,
                     load_digits, prompt_text)
 
@@ -89,13 +90,15 @@ class DemoConfig:
     sampling: SamplingSection = field(default_factory=SamplingSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
     guidance: GuidanceSection = field(default_factory=GuidanceSection)
+    search: SearchSection = field(default_factory=SearchSection)
 
 
 QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world.eval_pool=200",
          "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
          "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]", "grpo.seeds=[0]", "grpo.iterations=2",
          "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=6", "grpo.eval_steps=4", "grpo.k_variants=[2]",
-         "grpo.hack_iterations=2", "guidance.k=2", "guidance.repeats=1"]
+         "grpo.hack_iterations=2", "guidance.k=2",
+         "guidance.repeats=1", "search.samples_per_prompt=2", "search.large_budget=1.6"]
 
 
 def make_pairs(latents: torch.Tensor, prompts: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -243,6 +246,16 @@ def run_demo(config: DemoConfig) -> dict:
         best[str(n)] = {**summary(batch, reward), "matched_k": k}
         batches[f"best-of-{n}"] = batch
 
+    search = {}
+    if config.search.enabled:
+        log.info("5c/7 search beyond greedy argmax at the default's time and at %.1fx (%d samples)",
+                 config.search.large_budget, N_CLASSES * config.search.samples_per_prompt)
+        tick = time.perf_counter()
+        name = config.search.drm if config.search.drm in drms else "base"
+        search = search_experiment(generator, drms[name], text, reward, config.search, w.steps, w.noise_level,
+                                   w.cfg_scale, name)
+        timings["search"] = time.perf_counter() - tick
+
     grpo = {}
     if config.grpo.enabled:
         log.info("6/7 GRPO vs Step-GRPO (%d iterations x %d seeds each)", config.grpo.iterations,
@@ -256,6 +269,7 @@ def run_demo(config: DemoConfig) -> dict:
         "drm_accuracy": accuracy["base"], "drm_accuracy_random_init": accuracy["random"],
         **({"drm_accuracy_shallow": accuracy["shallow"]} if "shallow" in accuracy else {}),
         "cfg_scale": w.cfg_scale, "stepwise": stepwise, "best_of_n": best, "guidance_options": guidance, **grpo,
+        **({"search": search} if search else {}),
         "label_agreement_with_ground_truth": label_agreement,
         "pool_gt_reward_mean": float(r_pool.mean()), "pool_gt_reward_std": float(r_pool.std()),
         "timings_seconds": {**timings, "total": time.perf_counter() - t0},

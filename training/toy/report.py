@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from .sampling import Batch
+from .search import table as search_table
 from .world import as_numpy_grid, decode_model_space
 
 
@@ -107,6 +108,14 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
             lines.append(f"| {name} | {v['gt_reward_mean']:.3f} +- {v['gt_reward_sem']:.3f} | {v['gain_vs_sde']:.0%} | "
                          f"{v['gain_vs_ode']:.0%} | {v['time_ratio']:.2f}x | {v['flop_ratio']:.2f}x |")
         lines += ["", "Gains are fractions of the full-range k = 6 gain over the plain sampler named."]
+    if m.get("search"):
+        sr = m["search"]
+        lines += ["", "## Search beyond greedy argmax at equal time (docs/search.md)", "",
+                  f"{sr['n_samples']} samples per method and seed, {sr['drm_dtype']} DRM; each method's budget knob "
+                  "(branched steps, or sampling steps) is matched by a cost model ('model'), then its CPU time "
+                  "('time'; wall time next to it) is measured against the plain SDE runs just before and after it. "
+                  "'vs. default' is the paired difference in ground truth to the nodes' default on the same start "
+                  "noise.", "", *search_table(sr)]
     lines += ["", "Step-wise sampling and best-of-N spend the same kind of extra compute (DRM calls and, for "
               "best-of-N, whole extra generations); N is the measured time ratio of k (or of the default) rounded, "
               "at least 2. Best-of-N draws ODE samples, the stronger plain sampler here.", ""]

@@ -27,14 +27,26 @@ class Batch:
 def velocity_fn(model: SD3Transformer2DModel, context: Tensor, pooled: Tensor, cfg_scale: float = 1.0,
                 null: tuple[Tensor, Tensor] | None = None):
     """velocity_fn(x, sigma) for drm_core; with cfg_scale != 1, classifier-free guidance from one batched call
-    on [null prompt, prompt] as ComfyUI does."""
-    if cfg_scale == 1.0 or null is None:
-        return lambda x, sigma: velocity(model, x, sigma, context, pooled)
-    both_context = torch.cat([null[0].expand_as(context), context])  # [2B, T, D]
-    both_pooled = torch.cat([null[1].expand_as(pooled), pooled])  # [2B, P]
+    on [null prompt, prompt] as ComfyUI does. x may hold several rows per prompt, image-major (stepwise_sample's
+    particles): each prompt's conditioning is repeated to match, once per row count."""
+    guided = cfg_scale != 1.0 and null is not None
+    cache: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def conditioning(rows: int) -> tuple[Tensor, Tensor]:
+        if rows not in cache:
+            reps = rows // len(context)
+            c, p = (context, pooled) if reps == 1 else (context.repeat_interleave(reps, 0),
+                                                        pooled.repeat_interleave(reps, 0))  # [rows, T, D], [rows, P]
+            if guided:
+                c, p = torch.cat([null[0].expand_as(c), c]), torch.cat([null[1].expand_as(p), p])  # [2 rows, ...]
+            cache[rows] = (c, p)
+        return cache[rows]
+
+    if not guided:
+        return lambda x, sigma: velocity(model, x, sigma, *conditioning(x.shape[0]))
 
     def fn(x: Tensor, sigma: Tensor) -> Tensor:
-        v_null, v = velocity(model, torch.cat([x, x]), sigma, both_context, both_pooled).chunk(2)
+        v_null, v = velocity(model, torch.cat([x, x]), sigma, *conditioning(x.shape[0])).chunk(2)
         return v_null + cfg_scale * (v - v_null)
     return fn
 
@@ -69,13 +81,14 @@ def generate(model: SD3Transformer2DModel, text: ToyTextEncoder, prompts: Tensor
 
 @torch.inference_mode()
 def best_of_n(model: SD3Transformer2DModel, text: ToyTextEncoder, drm: DRM, prompts: Tensor, n: int, steps: int,
-              noise_level: float, seed: int, cfg_scale: float = 1.0) -> Batch:
-    """n plain samples per prompt (noise_level 0: ODE), scored once by the DRM at sigma = 0; keep the best."""
+              noise_level: float, seed: int, cfg_scale: float = 1.0, chunk: int = 512) -> Batch:
+    """n plain samples per prompt (noise_level 0: ODE), sampled `chunk` at a time, scored once by the DRM at
+    sigma = 0; keep the best."""
     start = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     many = prompts.repeat_interleave(n)
     noise = torch.randn((len(many), 16, 4, 4), generator=g)
-    samples = generate(model, text, many, noise, steps, noise_level, seed + 1, cfg_scale=cfg_scale).latents
+    samples = generate(model, text, many, noise, steps, noise_level, seed + 1, cfg_scale=cfg_scale, chunk=chunk).latents
     context, pooled = text(many)
     scores = drm.score(samples, 0.0, context, pooled).view(len(prompts), n)
     best = samples.view(len(prompts), n, *samples.shape[1:])[torch.arange(len(prompts)), scores.argmax(1)]
