@@ -225,6 +225,9 @@ def read_drm_header(path: str | Path) -> dict:
     """The parsed `drm` metadata of a DRM file, validated; raises naming the file on any problem."""
     path = Path(path)
     _safetensors_files(path)
+    if path.is_dir():
+        raise DRMError(f"{path}: a folder, not a DRM file; expected one .safetensors file written by train-drm or "
+                       "import-rm")
     with _open(path) as f:
         meta = f.metadata() or {}
     if "drm" not in meta:

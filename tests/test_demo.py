@@ -33,6 +33,21 @@ def test_quick_demo_writes_report_metrics_and_plots(tmp_path, capsys):
     assert list(out.glob("samples_*.png"))
     assert str(out.resolve() / "report.md") in capsys.readouterr().out
 
+    # the search CLI on the demo's models, with a value DRM trained by train-drm on the generator's rollouts
+    from training.toy.search import main as search_main
+
+    assert search_main(["--work", str(out / "work"), "--out", str(tmp_path / "search"), "--set", "search.value_steps=2",
+                        "--set", "search.value_batch=4", "--set", "search.value_rollout_steps=3", "--set",
+                        'search.budgets=["default"]', "--set", "search.samples_per_prompt=1", "--set",
+                        "search.agreement_samples=1"]) == 0
+    result = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert {r["drm"] for r in result["agreement"]} == {"shallow", "shallow+value"}
+    value_rows = result["by_drm"]["shallow+value"]["rows"]
+    assert all("delta_vs_reference" in r for r in value_rows) and not any(r["budget"].startswith("large")
+                                                                           for r in value_rows)
+    assert result["value_training"]["seconds"] > 0 and (out / "work" / "drm_shallow_value" / "drm.safetensors").exists()
+    assert "### DRM: shallow+value" in (tmp_path / "search" / "search.md").read_text()
+
 
 def test_demo_without_the_plain_baseline_is_refused_by_name(tmp_path, caplog):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--set", "sampling.ks=[2, 4]"]) != 0

@@ -25,11 +25,20 @@ from .checkpointing import check_writable
 from .sd3_files import open_text_encoders, open_vae
 
 if TYPE_CHECKING:
-    from .train_grpo import PromptSection, TrainGRPOConfig
+    from .train_grpo import TrainGRPOConfig
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_FILE = "prompt_embeddings.safetensors"
+
+
+@dataclass
+class PromptSection:
+    file: str = ""  # one prompt per line (.txt) or {"prompt": ...} per line (.jsonl)
+    text_encoders: str = ""  # ComfyUI's models/text_encoders or a diffusers SD3 folder; encoded once as ComfyUI does
+    cache: str = ""  # or: a folder with prompt embeddings already encoded (written by a previous run)
+    negative: str = "blurry, low quality, deformed"  # CFG negative prompt, as in the shipped workflows
+    eval_prompts: int = 16  # held out from training, used for monitoring
 
 
 @dataclass
@@ -112,9 +121,9 @@ def check_inputs(config: TrainGRPOConfig) -> CheckedInputs:
         if not value:
             raise DRMError(f"{key} is required (see training/configs/grpo_sd35m_512.toml)")
     backbone = _check_base(policy.base, cfg.resolution)
-    _check_drm("reward.drm", reward.drm, backbone, cfg.resolution)
+    check_drm_file("reward.drm", reward.drm, backbone, cfg.resolution)
     if reward.holdout_drm:
-        _check_drm("reward.holdout_drm", reward.holdout_drm, backbone, cfg.resolution)
+        check_drm_file("reward.holdout_drm", reward.holdout_drm, backbone, cfg.resolution)
     texts = None
     if prompts.file:
         texts = read_prompt_file(prompts.file)
@@ -148,7 +157,8 @@ def _check_base(path: str, resolution: int) -> BackboneConfig:
     return backbone
 
 
-def _check_drm(key: str, path: str, policy: BackboneConfig, resolution: int) -> None:
+def check_drm_file(key: str, path: str, policy: BackboneConfig, resolution: int, policy_key: str = "policy.base",
+                   ) -> None:
     """The DRM file's header is valid and its backbone reads the policy's latents and conditioning."""
     try:
         header = read_drm_header(path)
@@ -162,7 +172,7 @@ def _check_drm(key: str, path: str, policy: BackboneConfig, resolution: int) -> 
             "kind": policy.kind}
     wrong = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
     if wrong:
-        detail = ", ".join(f"{k} {a} (policy.base: {b})" for k, (a, b) in wrong.items())
+        detail = ", ".join(f"{k} {a} ({policy_key}: {b})" for k, (a, b) in wrong.items())
         raise DRMError(f"{key} = {path}: this DRM was not built for the policy's architecture family: {detail}")
     _check_resolution(key, path, drm, resolution)
 

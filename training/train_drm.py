@@ -5,6 +5,10 @@ All randomness (pair order, sigma, noise, dropout) is derived from (seed, step),
 repeats an uninterrupted one and N processes see the same global batch as one. Before the model is
 built, `check_inputs` proves `out` writable, reads the base's architecture from its header and checks
 that the cache's latents and embeddings have the shapes that architecture takes.
+
+With `value.generator` set the pairs are not read from a cache but made by the generator (training/value.py):
+sibling states on its own trajectories, labelled by a teacher DRM's preference between the images they lead to.
+`data.cache` is then optional and only evaluated on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from .cache_format import PreferenceCache
 from .checkpointing import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
 from .evaluate import pairwise_accuracy
+from .grpo_inputs import PromptSection, check_prompt_count, keyed, read_prompt_file
 from .metrics import MetricLogger
+from .value import ValueSection, build_rollouts, check_value_files, soft_bradley_terry_loss, value_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,20 @@ class TrainDRMConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    value: ValueSection = field(default_factory=ValueSection)  # value training on a generator's rollouts
+    prompts: PromptSection = field(default_factory=PromptSection)  # the rollouts' prompts (value training only)
+
+
+@dataclass
+class RunInputs:
+    """What `check_inputs` found: pairs to train on (None: value rollouts), held-out pairs, the checkpoint to resume,
+    and for value training the teacher's path and the prompt texts (None: prompts.cache as it is)."""
+
+    data: PreferenceCache | None
+    held_out: PreferenceCache | None
+    checkpoint: Path | None
+    teacher: str = ""
+    texts: list[str] | None = None
 
 
 def build_model(cfg: ModelSection, seed: int) -> DRM:
@@ -139,21 +159,54 @@ def check_cache_fits(data: PreferenceCache, backbone: BackboneConfig, where: str
         raise DRMError(f"{where} does not fit model.base = {base}: " + "; ".join(problems))
 
 
-def check_inputs(config: TrainDRMConfig, resume: str | None) -> tuple[PreferenceCache, PreferenceCache | None,
-                                                                         Path | None]:
+def check_inputs(config: TrainDRMConfig, resume: str | None) -> RunInputs:
     """Everything a run reads or writes, checked before the model is built: out is writable, model.base's
-    header, the cache(s) and their fit to the base, the checkpoint to resume. Returns (train, held-out, ckpt)."""
+    header, the cache(s) and their fit to the base, for value training the generator, teacher and prompts, and the
+    checkpoint to resume."""
     out = check_writable(config.out, "out =")
     backbone = base_backbone(config.model)
-    if not config.data.cache:
-        raise DRMError("data.cache is empty: point it at a folder written by `python -m training cache`")
-    data, held_out = split_eval(PreferenceCache(config.data.cache, in_memory=config.data.in_memory),
-                                config.data, config.train.seed)
-    check_cache_fits(data, backbone, f"data.cache = {config.data.cache}", config.model.base)
+    value = bool(config.value.generator)
+    teacher, texts = "", None
+    if value:
+        teacher = check_value_files(config.value, backbone, config.model.base if config.model.init == "drm" else "")
+        texts = _check_prompts(config.prompts)
+    elif not config.data.cache:
+        raise DRMError("data.cache is empty: point it at a folder written by `python -m training cache` (or set "
+                       "value.generator to train on a generator's rollouts)")
+    data = held_out = None
+    if not value:
+        data, held_out = split_eval(PreferenceCache(config.data.cache, in_memory=config.data.in_memory),
+                                    config.data, config.train.seed)
+        check_cache_fits(data, backbone, f"data.cache = {config.data.cache}", config.model.base)
+    elif config.data.eval_cache or config.data.cache:  # rollouts are the training data; these pairs are evaluated on
+        cache = PreferenceCache(config.data.eval_cache or config.data.cache, in_memory=config.data.in_memory)
+        held_out = cache.subset(torch.arange(min(len(cache), config.data.eval_limit)))
     if held_out is not None:
-        where = f"data.eval_cache = {config.data.eval_cache}" if config.data.eval_cache else "held-out pairs"
+        key = "data.eval_cache" if config.data.eval_cache else "data.cache"
+        where = f"{key} = {getattr(config.data, key[5:])}" if value or config.data.eval_cache else "held-out pairs"
         check_cache_fits(held_out, backbone, where, config.model.base)
-    return data, held_out, resolve_resume(out / "checkpoints", resume)
+    return RunInputs(data, held_out, resolve_resume(out / "checkpoints", resume), teacher, texts)
+
+
+def _check_prompts(cfg: PromptSection) -> list[str] | None:
+    """prompts.file (read), prompts.text_encoders (opened), prompts.cache (exists): value training's prompts."""
+    from .sd3_files import open_text_encoders
+
+    if not (cfg.file or cfg.cache):
+        raise DRMError("value training needs prompts: set prompts.file (with prompts.text_encoders) or prompts.cache "
+                       "(a folder with prompt_embeddings.safetensors, e.g. a train-grpo run's out/prompts)")
+    texts = None
+    if cfg.file:
+        texts = read_prompt_file(cfg.file)
+        check_prompt_count(len(texts), cfg.eval_prompts, f"prompts.file = {cfg.file}")
+    if cfg.text_encoders:
+        try:
+            open_text_encoders(cfg.text_encoders)
+        except DRMError as err:
+            raise keyed("prompts.text_encoders", cfg.text_encoders, err) from err
+    if cfg.cache and not Path(cfg.cache).is_dir():
+        raise DRMError(f"prompts.cache = {cfg.cache}: no such folder")
+    return texts
 
 
 def sample_sigmas(n: int, cfg: TrainSection, generator: torch.Generator) -> Tensor:
@@ -183,6 +236,22 @@ def global_batch(step: int, micro: int, n_pairs: int, cfg: TrainSection) -> Tens
         nxt = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 1))
         idx = torch.cat([idx, nxt[: per_micro - len(idx)]])
     return idx
+
+
+def cache_pairs(data: PreferenceCache, step: int, micro: int, cfg: TrainSection, local: slice,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """This process's rows of one micro-batch of cached pairs: winners then losers noised to one sigma per pair,
+    x [2n, C, H, W], sigma [2n], context [n, N, D], pooled [n, P]."""
+    per_micro = cfg.batch_size // cfg.grad_accum
+    idx = global_batch(step, micro, len(data), cfg)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
+    sigma = sample_sigmas(per_micro, cfg, gen)  # [G]
+    batch = collate([data[int(i)] for i in idx.tolist()])
+    noise_w = torch.randn(batch["win"].shape, generator=gen)
+    noise_l = noise_w if cfg.noise == "shared" else torch.randn(batch["lose"].shape, generator=gen)
+    x = torch.cat([add_noise(batch["win"][local], noise_w[local], sigma[local]),
+                   add_noise(batch["lose"][local], noise_l[local], sigma[local])])
+    return x, torch.cat([sigma[local]] * 2), batch["context"][local], batch["pooled"][local]
 
 
 def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -217,7 +286,8 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
     if per_micro % world:
         raise DRMError(f"pairs per micro-batch ({per_micro}) must be divisible by the {world} processes")
     out = Path(config.out)
-    data, held_out, ckpt = check_inputs(config, resume)
+    inputs = check_inputs(config, resume)
+    data, held_out, ckpt = inputs.data, inputs.held_out, inputs.checkpoint
     model = build_model(config.model, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
@@ -230,8 +300,35 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
         save_resolved(config, out)
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = MetricLogger(out, enabled=accelerator.is_main_process, truncate_after=start_step)
-    text_scheme = data.meta.get("text", {})
+    rollouts, held_pairs = None, []
+    if data is None:
+        with accelerator.main_process_first():  # one process encodes the prompts (if needed), the others read them
+            rollouts = build_rollouts(config.value, config.prompts, inputs.teacher, inputs.texts, out, cfg.seed,
+                                      accelerator.device)
+        held_pairs = rollouts.held_out()
+        text_scheme = {"scheme": "comfyui-sd3", "value_generator": config.value.generator, "teacher": inputs.teacher}
+    else:
+        text_scheme = data.meta.get("text", {})
     last_eval = best
+
+    def evaluate(done: int) -> None:
+        """Held-out pairwise accuracy per sigma (cached pairs) and agreement with the teacher (value pairs)."""
+        nonlocal last_eval
+        last_eval, logged = {}, {}
+        drm = accelerator.unwrap_model(model)
+        if held_out is not None:
+            acc = pairwise_accuracy(drm, held_out, cfg.eval_sigmas, cfg.eval_noise_draws, device=accelerator.device)
+            last_eval.update({str(k): v for k, v in acc.items()})
+            logged.update({f"eval/acc_sigma_{k}": v for k, v in acc.items()})
+        if held_pairs:
+            acc = value_accuracy(drm, held_pairs, rollouts.conditioning)
+            last_eval.update({"value": sum(acc.values()) / len(acc), **{f"value_{k}": v for k, v in acc.items()}})
+            logged.update({"eval/value_acc": last_eval["value"],
+                           **{f"eval/value_acc_sigma_{k}": v for k, v in acc.items()}})
+        metrics.log(done, logged)
+
+    if rollouts is not None and start_step == 0 and (held_out is not None or held_pairs):
+        evaluate(0)  # the DRM value training starts from, for comparison
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not accelerator.is_main_process, desc="train-drm")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     for step in range(start_step, end):
@@ -239,21 +336,22 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
         torch.manual_seed(cfg.seed * 7919 + step * world + rank)  # dropout
         total = 0.0
         for micro in range(cfg.grad_accum):
-            idx = global_batch(step, micro, len(data), cfg)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * cfg.grad_accum + micro)
-            sigma = sample_sigmas(per_micro, cfg, gen)  # [G]
-            batch = collate([data[int(i)] for i in idx.tolist()])
-            noise_w = torch.randn(batch["win"].shape, generator=gen)
-            noise_l = noise_w if cfg.noise == "shared" else torch.randn(batch["lose"].shape, generator=gen)
             local = slice(rank * per_micro // world, (rank + 1) * per_micro // world)
-            x = torch.cat([add_noise(batch["win"][local], noise_w[local], sigma[local]),
-                           add_noise(batch["lose"][local], noise_l[local], sigma[local])])
+            if rollouts is None:
+                x, sigma, context, pooled = cache_pairs(data, step, micro, cfg, local)
+                label = None
+            else:
+                pairs = rollouts.pairs(step, micro, per_micro, local)
+                context, pooled = rollouts.conditioning(pairs.rows)
+                x, label = torch.cat([pairs.a, pairs.b]), pairs.label  # [2n, C, H, W], [n]
+                sigma = torch.full((x.shape[0],), pairs.sigma)
             n = x.shape[0] // 2
+            device = accelerator.device
             with accelerator.autocast():
-                scores = model(x.to(accelerator.device), torch.cat([sigma[local]] * 2).to(accelerator.device),
-                               torch.cat([batch["context"][local]] * 2).to(accelerator.device),
-                               torch.cat([batch["pooled"][local]] * 2).to(accelerator.device))
-                loss = bradley_terry_loss(scores[:n], scores[n:]) / cfg.grad_accum
+                scores = model(x.to(device), sigma.to(device), torch.cat([context] * 2).to(device),
+                               torch.cat([pooled] * 2).to(device))
+                loss = (bradley_terry_loss(scores[:n], scores[n:]) if label is None else
+                        soft_bradley_terry_loss(scores[:n], scores[n:], label.to(device))) / cfg.grad_accum
             if micro < cfg.grad_accum - 1:
                 with accelerator.no_sync(model):
                     accelerator.backward(loss)
@@ -269,11 +367,8 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
             mean_loss = accelerator.reduce(total.to(accelerator.device), "mean").item()
             metrics.log(done, {"loss": mean_loss, "grad_norm": float(grad_norm), "lr": cfg.lr})
             bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if held_out is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-            acc = pairwise_accuracy(accelerator.unwrap_model(model), held_out, cfg.eval_sigmas,
-                                    cfg.eval_noise_draws, device=accelerator.device)
-            last_eval = {str(k): v for k, v in acc.items()}
-            metrics.log(done, {f"eval/acc_sigma_{k}": v for k, v in last_eval.items()})
+        if (held_out is not None or held_pairs) and (done % cfg.eval_every == 0 or done == cfg.steps):
+            evaluate(done)
         if done % cfg.checkpoint_every == 0 or done == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -284,7 +379,8 @@ def train(config: TrainDRMConfig, resume: str | None = None, stop_after: int | N
     final = out / "drm.safetensors"
     if end == cfg.steps and accelerator.is_main_process:
         drm = accelerator.unwrap_model(model)
-        save_drm(drm, final, {"trained_steps": cfg.steps, "train_data": config.data.cache,
+        save_drm(drm, final, {"trained_steps": cfg.steps,
+                              "train_data": config.data.cache if rollouts is None else "value rollouts",
                               "text_encoding": text_scheme, "init": config.model.init,
                               "eval_accuracy": last_eval, "processes": world, "config": asdict(config)})
         log.info("wrote %s", final)

@@ -25,7 +25,7 @@ from .alignment import AlignmentGuard, prompt_alignment
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
 from .grpo_core import Policy, policy_update, rollout_step_grpo, rollout_terminal
-from .grpo_inputs import check_embeddings, check_inputs, embeddings_path, prompt_embeddings
+from .grpo_inputs import PromptSection, check_embeddings, check_inputs, embeddings_path, prompt_embeddings
 from .lora import DEFAULT_TARGETS, add_lora, export_lora
 from .metrics import MetricLogger
 from .sample_grid import SampleGrids, load_vae
@@ -47,15 +47,6 @@ class PolicySection:
 class RewardSection:
     drm: str = ""  # DRM file that gives the training reward
     holdout_drm: str = ""  # a second reward the policy is not trained on (empty: the training DRM at sigma 0)
-
-
-@dataclass
-class PromptSection:
-    file: str = ""  # one prompt per line (.txt) or {"prompt": ...} per line (.jsonl)
-    text_encoders: str = ""  # ComfyUI's models/text_encoders or a diffusers SD3 folder; encoded once as ComfyUI does
-    cache: str = ""  # or: a folder with prompt embeddings already encoded (written by a previous run)
-    negative: str = "blurry, low quality, deformed"  # CFG negative prompt, as in the shipped workflows
-    eval_prompts: int = 16  # held out from training, used for monitoring
 
 
 @dataclass

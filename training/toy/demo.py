@@ -78,7 +78,8 @@ class GuidanceSection:
     enabled: bool = True
     k: int = DEFAULT_K
     shallow_blocks: int = 1  # a DRM with fewer kept blocks, trained with the same budget (0: skip)
-    repeats: int = 3  # timing rounds; an option's time ratio is the median of its per-round ratios
+    repeats: int = 2  # timing rounds; an option's time ratio is the median of its per-round ratios
+    bf16: str = "auto"  # bf16 DRM options: "auto" (only where a bf16 DRM scores faster than fp32 here) | "yes" | "no"
 
 
 @dataclass
@@ -191,7 +192,7 @@ def run_demo(config: DemoConfig) -> dict:
     pairs = make_pairs(pool.latents, prompts, w.train_pairs, g)
     a_wins = bradley_terry_labels(r_pool[pairs[:, 0]], r_pool[pairs[:, 1]], w.label_temperature, g)
     label_agreement = float(((r_pool[pairs[:, 0]] > r_pool[pairs[:, 1]]) == a_wins).float().mean())
-    train_cache = write_cache(work / "cache_train", pool.latents, prompts, text, pairs, a_wins)
+    write_cache(work / "cache_train", pool.latents, prompts, text, pairs, a_wins)
     eval_pairs = make_pairs(eval_pool.latents, eval_prompts, w.eval_pairs, g)
     gt_a_wins = r_eval[eval_pairs[:, 0]] > r_eval[eval_pairs[:, 1]]  # ground-truth ordering
     eval_cache = write_cache(work / "cache_eval", eval_pool.latents, eval_prompts, text, eval_pairs, gt_a_wins)
@@ -292,18 +293,25 @@ def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward
     default = dict(branch_range=DEFAULT_BRANCH_RANGE, plain_noise_level=DEFAULT_PLAIN_NOISE_LEVEL)
     deep = drms["base"]
     shallow = drms.get("shallow", deep)
-    scorers = {"deep": deep, "deep bf16": copy.deepcopy(deep).to(torch.bfloat16), "shallow": shallow,
-               "shallow bf16": copy.deepcopy(shallow).to(torch.bfloat16)}
+    scorers = {"deep": deep, "shallow": shallow}
     n_deep, n_shallow = deep.config.backbone.blocks, shallow.config.backbone.blocks
     variants = [("plain SDE", None, 1, {}),
                 ("plain ODE", None, 1, dict(noise_level=0.0)),
                 (f"k = {k}, first half", "deep", k, dict(branch_range=(0.0, 0.5))),
                 (f"k = {k}, every 2nd step", "deep", k, dict(branch_every=2)),
                 (f"k = {k}, first half, ODE after", "deep", k, default),
-                (f"k = {k}, bf16 DRM", "deep bf16", k, {}),
-                (f"k = {k}, {n_shallow}-block DRM", "shallow", k, {}),
-                (f"k = {k}, {n_deep}-block bf16 DRM, first half, ODE after", "deep bf16", k, default),
-                (f"default: k = {k}, {n_shallow}-block bf16 DRM, first half, ODE after", "shallow bf16", k, default)]
+                (f"k = {k}, {n_shallow}-block DRM", "shallow", k, {})]
+    bf16, row_ms = use_bf16(config.guidance.bf16, shallow, text)
+    if bf16:
+        scorers.update({"deep bf16": copy.deepcopy(deep).to(torch.bfloat16),
+                        "shallow bf16": copy.deepcopy(shallow).to(torch.bfloat16)})
+        variants += [(f"k = {k}, bf16 DRM", "deep bf16", k, {}),
+                     (f"k = {k}, {n_deep}-block bf16 DRM, first half, ODE after", "deep bf16", k, default),
+                     (f"default: k = {k}, {n_shallow}-block bf16 DRM, first half, ODE after", "shallow bf16", k,
+                      default)]
+    else:
+        variants.append((f"default: k = {k}, {n_shallow}-block DRM, first half, ODE after", "shallow", k, default))
+    log.info("DRM ms per candidate row here: %s; bf16 options %s", row_ms, "on" if bf16 else "off")
     cost = _flop_model(generator, scorers, text, w.cfg_scale)
     full = stepwise[str(max(stepwise, key=int))]["gt_reward_mean"]  # the largest k on every step
     seconds: dict[str, list[float]] = {name: [] for name, *_ in variants}
@@ -323,12 +331,34 @@ def guidance_options(config: DemoConfig, generator, text: ToyTextEncoder, reward
                 if name.startswith("default"):
                     default_batch = batch
     sde, ode = out["plain SDE"]["gt_reward_mean"], out["plain ODE"]["gt_reward_mean"]
+    out["plain SDE"]["drm_ms_per_row"] = row_ms  # why the bf16 options are on or off
     for name, v in out.items():
         v["seconds"] = statistics.median(seconds[name])
         v["time_ratio"] = statistics.median(a / b for a, b in zip(seconds[name], seconds["plain SDE"]))
         v["gain_vs_sde"] = (v["gt_reward_mean"] - sde) / (full - sde) if full != sde else float("nan")
         v["gain_vs_ode"] = (v["gt_reward_mean"] - ode) / (full - ode) if full != ode else float("nan")
     return out, default_batch
+
+
+def use_bf16(setting: str, drm: DRM, text: ToyTextEncoder, rows: int = 512) -> tuple[bool, dict[str, float]]:
+    """Whether to measure bf16 DRM options: "auto" times a bf16 copy of the DRM against fp32 on `rows` candidates (best
+    of 5 calls each); bf16 pays off only on CPUs with bf16 instructions (AVX512-BF16, AMX) and on GPUs."""
+    if setting not in ("auto", "yes", "no"):
+        raise DRMError(f"guidance.bf16 must be auto, yes or no, got {setting!r}")
+    if setting != "auto":
+        return setting == "yes", {}
+    context, pooled = text(torch.arange(rows) % N_CLASSES)
+    x, ms = torch.randn(rows, 16, 4, 4), {}
+    with torch.inference_mode():
+        for name, model in (("float32", drm), ("bfloat16", copy.deepcopy(drm).to(torch.bfloat16))):
+            embedded = model.embed_prompt(context, pooled)
+            times = []
+            for _ in range(6):
+                tick = time.perf_counter()
+                model.score_embedded(x.to(model.compute_dtype), torch.tensor(0.5), embedded)
+                times.append(time.perf_counter() - tick)
+            ms[name] = round(min(times[1:]) / rows * 1e3, 4)
+    return ms["bfloat16"] < ms["float32"], ms
 
 
 def _flop_model(generator, scorers: dict[str, DRM], text: ToyTextEncoder, cfg_scale: float) -> dict[str, float]:

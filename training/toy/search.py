@@ -56,6 +56,13 @@ class SearchSection:
     ess_threshold: float = 1.0  # smc: resample where ESS / (N k) falls below it (1: always)
     methods: str = "demo"  # "demo" (a short list) or "all"
     agreement_samples: int = 0  # > 0: per-sigma agreement of the DRM's choice with ODE-completed ground truth
+    budgets: tuple[str, ...] = ("default", "large")  # which budgets' method families run
+    value_steps: int = 0  # > 0: also train a value DRM (train-drm on generator rollouts) from `drm` and measure it
+    value_teacher: str = "self"  # what scores the rollouts' images: "self" (`drm` at sigma 0) or "base" (3 blocks)
+    value_batch: int = 32  # sibling pairs per step
+    value_lr: float = 1e-4
+    value_rollout_steps: int = 10  # schedule of the rollouts (siblings at every step but the last)
+    value_completion: str = "sde"
 
 
 @dataclass(frozen=True)
@@ -234,8 +241,13 @@ def methods_for(section: SearchSection, steps: int, samples: int, cost: CostMode
     default = default_method(steps)
     budgets = {"default": predicted_ratio(default, steps, samples, cost), "large": section.large_budget}
     tags = {name: f"{name} ({budget:.2f}x)" for name, budget in budgets.items()}
+    unknown = set(section.budgets) - set(budgets)
+    if unknown:
+        raise DRMError(f"search.budgets: unknown {sorted(unknown)}; known: {sorted(budgets)}")
     out = [Method("plain SDE", scale=steps), Method("plain ODE", scale=steps), replace(default, budget=tags["default"])]
     for name, budget in budgets.items():
+        if name not in section.budgets:
+            continue
         family = FAMILIES[section.methods][name]
         out += [match(Method(kind, k, n, temperature=section.temperature, ess_threshold=ess, budget=tags[name]),
                       budget, steps, samples, cost) for kind, k, n, ess in family]
@@ -261,12 +273,14 @@ def run_method(method: Method, ctx: Context) -> Batch:
 
 def search_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextEncoder, reward: GroundTruthReward,
                       section: SearchSection, steps: int, noise_level: float, cfg_scale: float,
-                      drm_name: str = "shallow") -> dict:
+                      drm_name: str = "shallow", cost: CostModel | None = None) -> dict:
     """Every method at both budgets over `section.seeds`: rows {method, params, drm, seed, gt, gt_se, seconds,
-    time_ratio, ...} per seed, the same pooled over seeds, and the cost model that matched the budgets."""
+    time_ratio, ...} per seed, the same pooled over seeds, and the cost model that matched the budgets (calibrated
+    here unless given: pass another run's to get the same methods, e.g. for a DRM of the same architecture)."""
     drm = copy.deepcopy(drm).to(DTYPES[section.drm_dtype]) if section.drm_dtype != "float32" else drm
     prompts = torch.arange(N_CLASSES).repeat_interleave(section.samples_per_prompt)
-    cost = calibrate(_context(generator, drm, text, prompts, steps, noise_level, cfg_scale, section.seeds[0]))
+    if cost is None:
+        cost = calibrate(_context(generator, drm, text, prompts, steps, noise_level, cfg_scale, section.seeds[0]))
     methods = methods_for(section, steps, len(prompts), cost)
     log.info("search: %d methods x %d seeds x %d rounds on %d samples; cost model (rows: ms per row) generator %s, "
              "DRM %s", len(methods), len(section.seeds), section.repeats, len(prompts), _ms(cost.generator),
@@ -279,6 +293,7 @@ def search_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextE
         for m in methods:
             diff = gt[m] - gt[default]
             rows.append({"method": m.kind, "params": m.params(), "budget": m.budget, "drm": drm_name, "seed": seed,
+                         "default": m == default,
                          "gt": float(gt[m].mean()), "gt_se": _sem(gt[m]), "delta_vs_default": float(diff.mean()),
                          "delta_se": _sem(diff), "seconds": times[m]["cpu"], "wall_seconds": times[m]["wall"],
                          "time_ratio": times[m]["time_ratio"], "wall_ratio": times[m]["wall_ratio"],
@@ -287,6 +302,20 @@ def search_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextE
     return {"rows": rows, "pooled": pool(rows), "samples": samples, "n_samples": len(prompts),
             "seeds": list(section.seeds), "drm_dtype": section.drm_dtype, "config": asdict(section),
             "cost_model_ms_per_row": {"generator": _ms(cost.generator), "drm": _ms(cost.drm)}}
+
+
+def versus_reference(result: dict, reference: dict) -> None:
+    """Add to every row of `result` (and its pooled rows) its paired ground-truth difference to `reference`'s default
+    on the same seed (same prompts and start noise: the two runs' samples pair up): `delta_vs_reference` +-
+    `delta_ref_se`."""
+    def key(r: dict) -> str:
+        return f"{r['method']} | {r['params']} | {r['budget']} | seed {r['seed']}"
+
+    defaults = {r["seed"]: torch.tensor(reference["samples"][key(r)]) for r in reference["rows"] if r["default"]}
+    for r in result["rows"]:
+        diff = torch.tensor(result["samples"][key(r)]) - defaults[r["seed"]]
+        r["delta_vs_reference"], r["delta_ref_se"] = float(diff.mean()), _sem(diff)
+    result["pooled"] = pool(result["rows"])
 
 
 def _measure(methods: list[Method], ctx: Context, reward: GroundTruthReward, repeats: int,
@@ -351,7 +380,10 @@ def pool(rows: list[dict]) -> list[dict]:
                        "seconds": sum(r["seconds"] for r in group) / n,
                        "time_ratio": sum(r["time_ratio"] for r in group) / n,
                        "wall_ratio": sum(r.get("wall_ratio", r["time_ratio"]) for r in group) / n,
-                       "predicted_ratio": group[0]["predicted_ratio"]})
+                       "predicted_ratio": group[0]["predicted_ratio"],
+                       **({"delta_vs_reference": sum(r["delta_vs_reference"] for r in group) / n,
+                           "delta_ref_se": math.sqrt(sum(r["delta_ref_se"] ** 2 for r in group)) / n}
+                          if "delta_vs_reference" in group[0] else {})})
     return pooled
 
 
@@ -359,14 +391,18 @@ def table(result: dict) -> list[str]:
     """Markdown table: pooled rows (mean over seeds), then each seed's gt and CPU-time ratio."""
     seeds = result["seeds"]
     per_seed = {(r["method"], r["params"], r["budget"], r["seed"]): r for r in result["rows"]}
-    head = ("| budget | method | params | gt +- se | vs. default (paired) | time | wall | model | " +
+    versus = "delta_vs_reference" in result["pooled"][0] and any(r["delta_ref_se"] for r in result["pooled"])
+    head = ("| budget | method | params | gt +- se | vs. default (paired) | " +
+            ("vs. reference DRM's default | " if versus else "") + "time | wall | model | " +
             " | ".join(f"seed {s}: gt, time" for s in seeds) + " |")
-    lines = [head, "|" + "---|" * (8 + len(seeds))]
+    lines = [head, "|" + "---|" * (8 + versus + len(seeds))]
     for r in result["pooled"]:
         cells = [per_seed[(r["method"], r["params"], r["budget"], s)] for s in seeds]
         delta = "" if r["delta_se"] == 0 else f"{r['delta_vs_default']:+.3f} +- {r['delta_se']:.3f}"
+        ref = f"{r['delta_vs_reference']:+.3f} +- {r['delta_ref_se']:.3f} | " if versus else ""
         lines.append(f"| {r['budget']} | {r['method']} | {r['params']} | {r['gt']:.3f} +- {r['gt_se']:.3f} | "
-                     f"{delta} | {r['time_ratio']:.2f}x | {r['wall_ratio']:.2f}x | {r['predicted_ratio']:.2f}x | " +
+                     f"{delta} | {ref}{r['time_ratio']:.2f}x | {r['wall_ratio']:.2f}x | "
+                     f"{r['predicted_ratio']:.2f}x | " +
                      " | ".join(f"{c['gt']:.3f} +- {c['gt_se']:.3f}, {c['time_ratio']:.2f}x" for c in cells) + " |")
     return lines
 
@@ -444,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(work: Path, out: Path, config_file: str | None, overrides: list[str]) -> int:
-    """Load the demo's models, run the agreement (if asked) and the search, write search.json and search.md."""
+    """Load the demo's models, train the value DRM (if asked), run the agreement (if asked) and the search for each
+    DRM, write search.json and search.md."""
     config_path = Path(config_file) if config_file else work.parent / "config.resolved.toml"
     config, generator, drms = load_world(work, config_path if config_path.exists() else None, overrides)
     s, w = config.search, config.world
@@ -455,26 +492,85 @@ def _run(work: Path, out: Path, config_file: str | None, overrides: list[str]) -
     reward, text = GroundTruthReward(images, labels), ToyTextEncoder(w.seed)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = {}
+    judges = {s.drm: drms[s.drm]}
+    result: dict = {}
+    if s.value_steps:
+        tick = time.perf_counter()
+        path = train_value_drm(work, config, text)
+        judges[f"{s.drm}+value"] = load_drm(path)
+        result["value_training"] = {"drm": str(path), "seconds": time.perf_counter() - tick,
+                                    "eval": judges[f"{s.drm}+value"].provenance.get("eval_accuracy", {})}
     if s.agreement_samples:
-        result["agreement"] = choice_agreement(generator, drms[s.drm], text, reward, s.agreement_samples, w.steps,
-                                               w.noise_level, w.cfg_scale)
+        result["agreement"] = [{"drm": name, **row} for name, drm in judges.items()
+                               for row in choice_agreement(generator, drm, text, reward, s.agreement_samples, w.steps,
+                                                           w.noise_level, w.cfg_scale)]
         (out / "search.json").write_text(json.dumps(result, indent=2))
-    result.update(search_experiment(generator, drms[s.drm], text, reward, s, w.steps, w.noise_level, w.cfg_scale,
-                                    s.drm))
+    prompts = torch.arange(N_CLASSES).repeat_interleave(s.samples_per_prompt)
+    cost = calibrate(_context(generator, drms[s.drm], text, prompts, w.steps, w.noise_level, w.cfg_scale, s.seeds[0]))
+    runs = {name: search_experiment(generator, drm, text, reward, s, w.steps, w.noise_level, w.cfg_scale, name, cost)
+            for name, drm in judges.items()}
+    for name, run in runs.items():
+        versus_reference(run, runs[s.drm])
+    result.update(runs[s.drm])
+    result["by_drm"] = {name: run for name, run in runs.items() if name != s.drm}
+    result["rows"] = [r for run in runs.values() for r in run["rows"]]
+    result["pooled"] = [r for run in runs.values() for r in run["pooled"]]
     result["seconds"] = time.perf_counter() - start
     (out / "search.json").write_text(json.dumps(result, indent=2))
-    (out / "search.md").write_text("\n".join(table(result) + _agreement_table(result.get("agreement", []))) + "\n")
+    lines = [line for name, run in runs.items() for line in ([f"### DRM: {name}", ""] + table(run) + [""])]
+    (out / "search.md").write_text("\n".join(lines + _agreement_table(result.get("agreement", []))) + "\n")
     log.info("search done in %.0f s: %s", result["seconds"], out / "search.md")
     return 0
+
+
+def train_value_drm(work: Path, config, text: ToyTextEncoder) -> Path:
+    """`train-drm` in value mode (training/value.py) on the toy generator's rollouts, continuing the search DRM:
+    the same code path as SD3.5. Resumes (or reuses) work/drm_<name>_value."""
+    from safetensors.torch import save_file
+
+    from ..grpo_inputs import EMBEDDINGS_FILE, PromptSection
+    from ..train_drm import DataSection, ModelSection, TrainDRMConfig, TrainSection, train
+    from ..value import ValueSection
+
+    s, w = config.search, config.world
+    out = work / f"drm_{s.drm}_value"
+    if (out / "drm.safetensors").exists():
+        log.info("value DRM: reusing %s", out / "drm.safetensors")
+        return out / "drm.safetensors"
+    if s.value_teacher not in ("self", "base"):
+        raise DRMError(f"search.value_teacher must be self or base, got {s.value_teacher!r}")
+    prompts = work / "value_prompts"
+    prompts.mkdir(exist_ok=True)
+    context, pooled = text(torch.arange(N_CLASSES))
+    null_context, null_pooled = text(torch.tensor([NULL_PROMPT]))
+    negative = PromptSection().negative  # stands for the toy's null prompt, whose conditioning is zero
+    save_file({"context": context.contiguous(), "pooled": pooled.contiguous(), "negative_context": null_context,
+               "negative_pooled": null_pooled}, prompts / EMBEDDINGS_FILE, {"negative": negative})
+    student = work / f"drm_{s.drm}" / "drm.safetensors"
+    teacher = student if s.value_teacher == "self" else work / "drm_base" / "drm.safetensors"
+    steps = s.value_steps
+    run = TrainDRMConfig(
+        out=str(out), model=ModelSection(init="drm", base=str(student)),
+        data=DataSection(eval_cache=str(work / "cache_eval") if (work / "cache_eval").exists() else "",
+                         eval_limit=500, in_memory=True),
+        train=TrainSection(steps=steps, batch_size=s.value_batch, lr=s.value_lr, seed=w.seed,
+                           eval_every=max(steps // 3, 1), eval_noise_draws=1, checkpoint_every=max(steps // 4, 1),
+                           keep_checkpoints=1, log_every=20),
+        value=ValueSection(generator=str(work / "generator"), teacher=str(teacher), steps=s.value_rollout_steps,
+                           cfg_scale=w.cfg_scale, noise_level=w.noise_level, completion=s.value_completion,
+                           resolution=32, eval_pairs_per_step=0),
+        prompts=PromptSection(cache=str(prompts), eval_prompts=0))
+    log.info("value DRM: %d steps x %d sibling pairs from %s, teacher %s", steps, s.value_batch, student, teacher)
+    return train(run, resume="latest" if (out / "checkpoints").exists() else None)
 
 
 def _agreement_table(rows: list[dict]) -> list[str]:
     if not rows:
         return []
-    return (["", "| sigma | DRM pick = best completion | chance | gain fraction | Spearman |", "|---|---|---|---|---|"]
-            + [f"| {r['sigma']:.3f} | {r['agreement']:.2f} | {r['chance']:.2f} | {r['gain_fraction']:.2f} | "
-               f"{r['spearman']:.2f} |" for r in rows])
+    return (["", "| DRM | sigma | DRM pick = best completion | chance | gain fraction | Spearman |",
+             "|---|---|---|---|---|---|"]
+            + [f"| {r.get('drm', '')} | {r['sigma']:.3f} | {r['agreement']:.2f} | {r['chance']:.2f} | "
+               f"{r['gain_fraction']:.2f} | {r['spearman']:.2f} |" for r in rows])
 
 
 if __name__ == "__main__":
