@@ -153,4 +153,4 @@ def test_the_shipped_value_config_loads():
     path = Path(__file__).parent.parent / "training" / "configs" / "drm_value_sd35m_512.toml"
     cfg = load_config(TrainDRMConfig, path)
     assert cfg.model.init == "drm" and cfg.value.generator.endswith("sd3.5_medium.safetensors")
-    assert cfg.value.completion == "sde" and cfg.prompts.eval_prompts == 16
+    assert cfg.value.completion == "ode" and cfg.prompts.eval_prompts == 16

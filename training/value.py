@@ -2,8 +2,8 @@
 
 A standard DRM learns from clean images noised to sigma, but step-wise sampling asks it about the generator's own
 intermediate states. Value training asks it that question: two siblings x_a, x_b at sigma_{j+1} share a parent
-x_{sigma_j} on a sampled trajectory (one SDE step each, DRM eq. 6); each is completed to an image (SDE at the
-sampling noise level, or ODE), a teacher DRM scores both images at sigma 0, and the student learns the teacher's
+x_{sigma_j} on a sampled trajectory (one SDE step each, DRM eq. 6); each is completed to an image (by the ODE, as the
+nodes' default samples after its branch range, or by the SDE), a teacher DRM scores both images at sigma 0, and the student learns the teacher's
 preference P(a > b) = sigmoid(r_a - r_b) (soft Bradley-Terry labels) from the two states alone. Its score at sigma
 then orders states by the reward of the images they lead to (issue 15's "DRM trained as a value").
 
@@ -41,7 +41,7 @@ class ValueSection:
     steps: int = 10  # sampling schedule of the rollouts; siblings are drawn at every step but the last
     cfg_scale: float = 4.5
     noise_level: float = 0.7  # SDE noise of the trajectory and of the two sibling steps
-    completion: str = "sde"  # sde: each sibling completed at noise_level (expected reward) | ode: deterministic
+    completion: str = "ode"  # ode: deterministic completions (measured: docs/search.md) | sde: at noise_level
     labels: str = "soft"  # soft: the teacher's P(a > b) | hard: 1 for the teacher's winner
     resolution: int = 512
     eval_pairs_per_step: int = 4  # held-out pairs per schedule step, per held-out prompt (built once)
@@ -117,7 +117,7 @@ def soft_bradley_terry_loss(score_a: Tensor, score_b: Tensor, label: Tensor) -> 
 
 @torch.no_grad()
 def sibling_pairs(velocity: VelocityFn, teacher: TeacherFn, rows: Tensor, shape: tuple[int, ...], sigmas: Tensor,
-                  j: int, noise_level: float, generator: torch.Generator, completion: str = "sde",
+                  j: int, noise_level: float, generator: torch.Generator, completion: str = "ode",
                   labels: str = "soft", local: slice = slice(None), device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32) -> SiblingPairs:
     """SDE trajectory from noise to sigmas[j]; two children at sigmas[j+1] from one velocity call (eq. 6); both

@@ -78,7 +78,7 @@ class GuidanceSection:
     enabled: bool = True
     k: int = DEFAULT_K
     shallow_blocks: int = 1  # a DRM with fewer kept blocks, trained with the same budget (0: skip)
-    repeats: int = 2  # timing rounds; an option's time ratio is the median of its per-round ratios
+    repeats: int = 1  # timing rounds; an option's time ratio is the median of its per-round ratios
     bf16: str = "auto"  # bf16 DRM options: "auto" (only where a bf16 DRM scores faster than fp32 here) | "yes" | "no"
 
 
@@ -98,7 +98,7 @@ QUICK = ["generator.steps=60", "world.pool=400", "world.train_pairs=600", "world
          "world.eval_pairs=200", "world.steps=8", "drm.steps=40", "drm.noise_draws=1",
          "sampling.samples_per_prompt=4", "sampling.ks=[1, 2, 4]", "grpo.seeds=[0]", "grpo.iterations=2",
          "grpo.eval_every=1", "grpo.eval_samples=20", "grpo.steps=6", "grpo.eval_steps=4", "grpo.k_variants=[2]",
-         "grpo.hack_iterations=2", "guidance.k=2",
+         "grpo.hack_iterations=2", "grpo.every_step_iterations=2", "guidance.k=2",
          "guidance.repeats=1", "search.samples_per_prompt=2", "search.large_budget=1.6"]
 
 

@@ -30,7 +30,8 @@ class GRPOSection:
     steps: int = 10  # sampling steps while training (Flow-GRPO samples few)
     eval_steps: int = 20
     eval_every: int = 5
-    eval_samples: int = 200
+    eval_samples: int = 100
+    alignment_samples: int = 100  # the guard measures prompt alignment on the first of them (every prompt alike)
     noise_level: float = 0.7
     lr: float = 6e-4  # both modes; at 3e-4 GRPO is still far from converged after 40 iterations
     lora_rank: int = 8
@@ -42,7 +43,8 @@ class GRPOSection:
     guard_tolerance: float = 0.1  # alarm when prompt alignment loses this fraction of the base model's
     k_variants: tuple[int, ...] = (2, 6)  # Step-GRPO with other k (seed `guard_seed` only: the demo's time budget)
     hack_lr: float = 3e-3  # guard check: Step-GRPO at this learning rate, every step trained (0: skip)
-    hack_iterations: int = 15
+    hack_iterations: int = 10
+    every_step_iterations: int = 20  # guard check with every step trained (it hacks by iteration 20 at the demo's lr)
     guard_seed: int = 0  # seed of the k variants and of the guard-check runs
 
 
@@ -65,8 +67,9 @@ def evaluate(policy: Policy, drm: DRM, text: ToyTextEncoder, reward: GroundTruth
                           flow_sigmas(cfg.eval_steps), k=1, noise_level=cfg.noise_level, generator=g)
     context, pooled = text(rows)
     gt = reward(decode_model_space(res.latent), rows).mean()
+    n = min(cfg.alignment_samples, len(rows))
     with policy.reference():
-        alignment = prompt_alignment(policy.conditional_velocity, res.latent, rows, seed=seed).mean()
+        alignment = prompt_alignment(policy.conditional_velocity, res.latent[:n], rows[:n], seed=seed).mean()
     return float(gt), float(drm.score(res.latent, 0.0, context, pooled).mean()), float(alignment)
 
 
@@ -139,7 +142,8 @@ def grpo_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextEnc
     for k in cfg.k_variants:
         run = run_grpo("step", generator, drm, text, reward, replace(cfg, group=k), cfg.guard_seed)
         out["step_grpo_k"][str(k)] = {"seeds": [cfg.guard_seed], "curve": _mean_curve([run]), "run": run}
-    checks = {"every_step_trained": run_grpo("step", generator, drm, text, reward, cfg, cfg.guard_seed,
+    checks = {"every_step_trained": run_grpo("step", generator, drm, text, reward,
+                                             replace(cfg, iterations=cfg.every_step_iterations), cfg.guard_seed,
                                              train_sigma_max=1.0)}
     if cfg.hack_lr > 0:
         checks[f"lr_{cfg.hack_lr:g}"] = run_grpo("step", generator, drm, text, reward,

@@ -62,7 +62,7 @@ class SearchSection:
     value_batch: int = 32  # sibling pairs per step
     value_lr: float = 1e-4
     value_rollout_steps: int = 10  # schedule of the rollouts (siblings at every step but the last)
-    value_completion: str = "sde"
+    value_completion: str = "ode"  # sde labels were noise here (loss stayed at ln 2)
 
 
 @dataclass(frozen=True)
@@ -523,9 +523,10 @@ def _run(work: Path, out: Path, config_file: str | None, overrides: list[str]) -
     return 0
 
 
-def train_value_drm(work: Path, config, text: ToyTextEncoder) -> Path:
-    """`train-drm` in value mode (training/value.py) on the toy generator's rollouts, continuing the search DRM:
-    the same code path as SD3.5. Resumes (or reuses) work/drm_<name>_value."""
+def train_value_drm(work: Path, config, text: ToyTextEncoder, cfg_scale: float | None = None) -> Path:
+    """`train-drm` in value mode (training/value.py) on the toy generator's rollouts at `cfg_scale` (default: the
+    world's), continuing the search DRM: the same code path as SD3.5. Resumes (or reuses) work/drm_<name>_value
+    (..._value_cfg<scale> for another CFG scale)."""
     from safetensors.torch import save_file
 
     from ..grpo_inputs import EMBEDDINGS_FILE, PromptSection
@@ -533,7 +534,8 @@ def train_value_drm(work: Path, config, text: ToyTextEncoder) -> Path:
     from ..value import ValueSection
 
     s, w = config.search, config.world
-    out = work / f"drm_{s.drm}_value"
+    cfg_scale = w.cfg_scale if cfg_scale is None else cfg_scale
+    out = work / (f"drm_{s.drm}_value" + ("" if cfg_scale == w.cfg_scale else f"_cfg{cfg_scale:g}"))
     if (out / "drm.safetensors").exists():
         log.info("value DRM: reusing %s", out / "drm.safetensors")
         return out / "drm.safetensors"
@@ -557,7 +559,7 @@ def train_value_drm(work: Path, config, text: ToyTextEncoder) -> Path:
                            eval_every=max(steps // 3, 1), eval_noise_draws=1, checkpoint_every=max(steps // 4, 1),
                            keep_checkpoints=1, log_every=20),
         value=ValueSection(generator=str(work / "generator"), teacher=str(teacher), steps=s.value_rollout_steps,
-                           cfg_scale=w.cfg_scale, noise_level=w.noise_level, completion=s.value_completion,
+                           cfg_scale=cfg_scale, noise_level=w.noise_level, completion=s.value_completion,
                            resolution=32, eval_pairs_per_step=0),
         prompts=PromptSection(cache=str(prompts), eval_prompts=0))
     log.info("value DRM: %d steps x %d sibling pairs from %s, teacher %s", steps, s.value_batch, student, teacher)
