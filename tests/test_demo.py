@@ -25,6 +25,8 @@ def test_quick_demo_writes_report_metrics_and_plots(tmp_path, capsys):
     for key in ("grpo", "step_grpo"):  # curve rows: [iteration, seconds, gt, drm, prompt alignment, gt se]
         assert len(metrics[key]["curve"][0]) == 6 and "guard_pick_gt" in metrics[key]
     assert set(metrics["step_grpo_k"]) == {"2", "4"}
+    assert all("guard_pick_gt" in v for v in metrics["step_grpo_k"].values())
+    assert set(metrics["summary"]["step_grpo_k_drop_from_peak_se"]) == {"2", "4"}
     assert set(metrics["guard_check"]) == {"every_step_trained", "lr_0.003"}
     assert "step_grpo_drop_from_peak_se" in metrics["summary"]
     report = (out / "report.md").read_text()

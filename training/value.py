@@ -2,10 +2,10 @@
 
 A standard DRM learns from clean images noised to sigma, but step-wise sampling asks it about the generator's own
 intermediate states. Value training asks it that question: two siblings x_a, x_b at sigma_{j+1} share a parent
-x_{sigma_j} on a sampled trajectory (one SDE step each, DRM eq. 6); each is completed to an image (by the ODE, as the
-nodes' default samples after its branch range, or by the SDE), a teacher DRM scores both images at sigma 0, and the student learns the teacher's
-preference P(a > b) = sigmoid(r_a - r_b) (soft Bradley-Terry labels) from the two states alone. Its score at sigma
-then orders states by the reward of the images they lead to (issue 15's "DRM trained as a value").
+x_{sigma_j} on a sampled trajectory (one SDE step each, DRM eq. 6); each is completed to an image (by the ODE, as
+the nodes' default samples after its branch range, or by the SDE), a teacher DRM scores both images at sigma 0, and
+the student learns the teacher's preference P(a > b) = sigmoid(r_a - r_b) (soft Bradley-Terry labels) from the two
+states alone. Its score at sigma then orders states by the reward of the images they lead to (docs/search.md).
 
 All randomness comes from (seed, step, micro-batch), drawn for the whole global batch and sliced per process, so a
 resumed run repeats an uninterrupted one and N processes see the same pairs as one.

@@ -41,11 +41,12 @@ class GRPOSection:
     continue_with: str = "random"
     train_sigma_max: float = 0.6  # Step-GRPO trains only steps from this noise level down
     guard_tolerance: float = 0.1  # alarm when prompt alignment loses this fraction of the base model's
-    k_variants: tuple[int, ...] = (2, 6)  # Step-GRPO with other k (seed `guard_seed` only: the demo's time budget)
+    k_variants: tuple[int, ...] = (2, 6)  # Step-GRPO with other k, over every seed
+    variant_eval_every: int = 10  # the k variants' evaluations (each costs about half a run's training time)
     hack_lr: float = 3e-3  # guard check: Step-GRPO at this learning rate, every step trained (0: skip)
     hack_iterations: int = 10
     every_step_iterations: int = 20  # guard check with every step trained (it hacks by iteration 20 at the demo's lr)
-    guard_seed: int = 0  # seed of the k variants and of the guard-check runs
+    guard_seed: int = 0  # seed of the guard-check runs
 
 
 def _reward(drm: DRM, text: ToyTextEncoder):
@@ -138,10 +139,15 @@ def grpo_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextEnc
         out[key] = {"runs": runs, "curve": _mean_curve(runs),
                     "guard_pick_gt": sum(r["guard_pick"]["gt"] for r in runs) / len(runs),
                     "alarms": [r["alarm_iteration"] for r in runs]}
-    out["step_grpo_k"] = {str(cfg.group): {"seeds": list(cfg.seeds), "curve": out["step_grpo"]["curve"]}}
+    out["step_grpo_k"] = {str(cfg.group): {"seeds": list(cfg.seeds), "curve": out["step_grpo"]["curve"],
+                                           "guard_pick_gt": out["step_grpo"]["guard_pick_gt"],
+                                           "alarms": out["step_grpo"]["alarms"]}}
     for k in cfg.k_variants:
-        run = run_grpo("step", generator, drm, text, reward, replace(cfg, group=k), cfg.guard_seed)
-        out["step_grpo_k"][str(k)] = {"seeds": [cfg.guard_seed], "curve": _mean_curve([run]), "run": run}
+        variant = replace(cfg, group=k, eval_every=cfg.variant_eval_every)
+        runs = [run_grpo("step", generator, drm, text, reward, variant, s) for s in cfg.seeds]
+        out["step_grpo_k"][str(k)] = {"seeds": list(cfg.seeds), "curve": _mean_curve(runs), "runs": runs,
+                                      "guard_pick_gt": sum(r["guard_pick"]["gt"] for r in runs) / len(runs),
+                                      "alarms": [r["alarm_iteration"] for r in runs]}
     checks = {"every_step_trained": run_grpo("step", generator, drm, text, reward,
                                              replace(cfg, iterations=cfg.every_step_iterations), cfg.guard_seed,
                                              train_sigma_max=1.0)}
@@ -155,7 +161,9 @@ def grpo_experiment(generator: SD3Transformer2DModel, drm: DRM, text: ToyTextEnc
     out["summary"] = {**_speedup(out["grpo"]["curve"], out["step_grpo"]["curve"]),
                       "step_grpo_guard_pick_gt": out["step_grpo"]["guard_pick_gt"],
                       "grpo_guard_pick_gt": out["grpo"]["guard_pick_gt"],
-                      "step_grpo_drop_from_peak_se": _drop_from_peak(out["step_grpo"]["curve"])}
+                      "step_grpo_drop_from_peak_se": _drop_from_peak(out["step_grpo"]["curve"]),
+                      "step_grpo_k_drop_from_peak_se": {k: _drop_from_peak(v["curve"])
+                                                        for k, v in out["step_grpo_k"].items()}}
     return out
 
 

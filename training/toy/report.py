@@ -61,9 +61,11 @@ def claims(m: dict) -> list[tuple[str, bool, str]]:
                     "is at least as good as GRPO's best, by ground truth", g["step_grpo_guard_pick_gt"] >= g["grpo_best_gt"],
                     f"Step-GRPO guard's pick {g['step_grpo_guard_pick_gt']:.3f} vs GRPO best {g['grpo_best_gt']:.3f} "
                     f"(untuned {g['untuned_gt']:.3f}; Step-GRPO last iteration {g['step_grpo_final_gt']:.3f})"))
-        out.append(("no Step-GRPO collapse: its mean curve ends within 2 standard errors of its peak",
-                    g["step_grpo_drop_from_peak_se"] <= 2.0,
-                    f"last point {g['step_grpo_drop_from_peak_se']:.1f} SE below the peak"))
+        drops = g.get("step_grpo_k_drop_from_peak_se") or {"": g["step_grpo_drop_from_peak_se"]}
+        out.append(("no Step-GRPO collapse: every mean curve (each k) ends within 2 standard errors of its peak",
+                    max(drops.values()) <= 2.0,
+                    "last point below the peak: " + ", ".join(f"{'k = ' + k + ': ' if k else ''}{v:.1f} SE"
+                                                              for k, v in sorted(drops.items(), key=lambda kv: kv[0]))))
         for name, c in m.get("guard_check", {}).items():
             fired = c["alarm_iteration"] is not None
             out.append((f"the guard's alarm fires on a run that hacks ({name.replace('_', ' ')}) and its pick is near "
@@ -137,10 +139,7 @@ def write_report(out: Path, m: dict, batches: dict[str, Batch]) -> None:
         rows = [("GRPO (terminal DRM reward)", m["grpo"]["curve"], len(cfg["seeds"]), m["grpo"]["guard_pick_gt"],
                  m["grpo"]["alarms"])]
         for k, v in sorted(m.get("step_grpo_k", {}).items(), key=lambda kv: int(kv[0])):
-            run = m["step_grpo"] if int(k) == cfg["group"] else v["run"]
-            picks = run["guard_pick_gt"] if "guard_pick_gt" in run else run["guard_pick"]["gt"]
-            alarms = run["alarms"] if "alarms" in run else [run["alarm_iteration"]]
-            rows.append((f"Step-GRPO, k = {k}", v["curve"], len(v["seeds"]), picks, alarms))
+            rows.append((f"Step-GRPO, k = {k}", v["curve"], len(v["seeds"]), v["guard_pick_gt"], v["alarms"]))
         for name, c, seeds, pick, alarms in rows:
             best = max(c, key=lambda r: r[2])
             lines.append(f"| {name} | {seeds} | {c[0][2]:.3f} | {best[2]:.3f} +- {best[5]:.3f} ({best[0]:.0f}) | "
