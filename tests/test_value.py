@@ -15,12 +15,7 @@ from training.value import sibling_pairs, soft_bradley_terry_loss, teacher_prefe
 from tiny import TINY_HEAD, conditioning, tiny_transformer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_velocity(x, sigma, rows):

@@ -124,6 +124,15 @@ def check_inputs(config: TrainGRPOConfig) -> CheckedInputs:
     check_drm_file("reward.drm", reward.drm, backbone, cfg.resolution)
     if reward.holdout_drm:
         check_drm_file("reward.holdout_drm", reward.holdout_drm, backbone, cfg.resolution)
+    texts = check_prompt_inputs(prompts)
+    vae, note = _resolve_vae(policy.vae, policy.base, cfg.eval_images)
+    check_writable(config.out, "out =")
+    return CheckedInputs(backbone, texts, vae, note)
+
+
+def check_prompt_inputs(prompts: PromptSection) -> list[str] | None:
+    """prompts.file (read and counted), prompts.text_encoders (opened, no weight read), prompts.cache (exists);
+    returns the file's prompts (None without a file)."""
     texts = None
     if prompts.file:
         texts = read_prompt_file(prompts.file)
@@ -135,9 +144,7 @@ def check_inputs(config: TrainGRPOConfig) -> CheckedInputs:
             raise keyed("prompts.text_encoders", prompts.text_encoders, err) from err
     if prompts.cache and not Path(prompts.cache).is_dir():
         raise DRMError(f"prompts.cache = {prompts.cache}: no such folder (expected a folder with {EMBEDDINGS_FILE})")
-    vae, note = _resolve_vae(policy.vae, policy.base, cfg.eval_images)
-    check_writable(config.out, "out =")
-    return CheckedInputs(backbone, texts, vae, note)
+    return texts
 
 
 def check_prompt_count(count: int, eval_prompts: int, where: str) -> None:

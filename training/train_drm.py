@@ -30,7 +30,7 @@ from .cache_format import PreferenceCache
 from .checkpointing import check_writable, load_checkpoint, resolve_resume, save_checkpoint
 from .config import load_config, save_resolved
 from .evaluate import pairwise_accuracy
-from .grpo_inputs import PromptSection, check_prompt_count, keyed, read_prompt_file
+from .grpo_inputs import PromptSection, check_prompt_inputs
 from .metrics import MetricLogger
 from .value import ValueSection, build_rollouts, check_value_files, soft_bradley_terry_loss, value_accuracy
 
@@ -169,7 +169,11 @@ def check_inputs(config: TrainDRMConfig, resume: str | None) -> RunInputs:
     teacher, texts = "", None
     if value:
         teacher = check_value_files(config.value, backbone, config.model.base if config.model.init == "drm" else "")
-        texts = _check_prompts(config.prompts)
+        if not (config.prompts.file or config.prompts.cache):
+            raise DRMError("value training needs prompts: set prompts.file (with prompts.text_encoders) or "
+                           "prompts.cache (a folder with prompt_embeddings.safetensors, e.g. a train-grpo run's "
+                           "out/prompts)")
+        texts = check_prompt_inputs(config.prompts)
     elif not config.data.cache:
         raise DRMError("data.cache is empty: point it at a folder written by `python -m training cache` (or set "
                        "value.generator to train on a generator's rollouts)")
@@ -182,31 +186,12 @@ def check_inputs(config: TrainDRMConfig, resume: str | None) -> RunInputs:
         cache = PreferenceCache(config.data.eval_cache or config.data.cache, in_memory=config.data.in_memory)
         held_out = cache.subset(torch.arange(min(len(cache), config.data.eval_limit)))
     if held_out is not None:
-        key = "data.eval_cache" if config.data.eval_cache else "data.cache"
-        where = f"{key} = {getattr(config.data, key[5:])}" if value or config.data.eval_cache else "held-out pairs"
+        if config.data.eval_cache:
+            where = f"data.eval_cache = {config.data.eval_cache}"
+        else:
+            where = f"data.cache = {config.data.cache}" if value else "held-out pairs"
         check_cache_fits(held_out, backbone, where, config.model.base)
     return RunInputs(data, held_out, resolve_resume(out / "checkpoints", resume), teacher, texts)
-
-
-def _check_prompts(cfg: PromptSection) -> list[str] | None:
-    """prompts.file (read), prompts.text_encoders (opened), prompts.cache (exists): value training's prompts."""
-    from .sd3_files import open_text_encoders
-
-    if not (cfg.file or cfg.cache):
-        raise DRMError("value training needs prompts: set prompts.file (with prompts.text_encoders) or prompts.cache "
-                       "(a folder with prompt_embeddings.safetensors, e.g. a train-grpo run's out/prompts)")
-    texts = None
-    if cfg.file:
-        texts = read_prompt_file(cfg.file)
-        check_prompt_count(len(texts), cfg.eval_prompts, f"prompts.file = {cfg.file}")
-    if cfg.text_encoders:
-        try:
-            open_text_encoders(cfg.text_encoders)
-        except DRMError as err:
-            raise keyed("prompts.text_encoders", cfg.text_encoders, err) from err
-    if cfg.cache and not Path(cfg.cache).is_dir():
-        raise DRMError(f"prompts.cache = {cfg.cache}: no such folder")
-    return texts
 
 
 def sample_sigmas(n: int, cfg: TrainSection, generator: torch.Generator) -> Tensor:
